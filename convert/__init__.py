@@ -1,0 +1,1 @@
+"""Weight conversion from PyTorch checkpoints (needs torch: ``pip install -e '.[convert]'``)."""

@@ -1,0 +1,1 @@
+"""The three models of a VideoCrafter2 checkpoint, one per file."""

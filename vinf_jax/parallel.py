@@ -1,0 +1,158 @@
+"""Clip parallelism: the frame context that temporal layers see, and every collective of the project.
+
+The video latent ``[B, N, H, W, C]`` is split along frames over a 1-D mesh axis ``frames``: device r
+holds frames ``[r*T, (r+1)*T)`` with ``T = N / D``. Spatial layers run locally. The temporal layers
+(temporal conv blocks, temporal attentions, the GroupNorms that span frames) reach frames they do
+not hold only through a :class:`FrameContext`:
+
+* ``halo(x, n)``: the ``n`` frames before and after the local clip (``ppermute`` from the
+  neighbours, zeros beyond the video's ends);
+* ``sum_frames(x)``: a sum over the whole video (``psum``) for GroupNorm statistics;
+* ``gather_frames(x, positions)``: frames at fixed video positions (``all_gather``);
+* ``all_frames(x)``: the whole video (``all_gather``), for the 'full' attention mode.
+
+With ``axis_name=None`` (the default) the context is the identity on one device holding the whole
+clip, and the UNet is plain VideoCrafter2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vinf_jax.config import TemporalConfig
+
+FRAMES = "frames"
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameContext:
+  """Static description of how the local clip sits in the video; hashable, so it can be a jit static.
+
+  Attributes:
+    temporal: the temporal options (attention mode, window, global frames, GroupNorm statistics).
+    axis_name: the mesh axis the frames are split over, or None for one device holding the video.
+    num_shards: devices along ``axis_name`` (1 when ``axis_name`` is None).
+  """
+
+  temporal: TemporalConfig = TemporalConfig()
+  axis_name: str | None = None
+  num_shards: int = 1
+
+  @property
+  def exact_norm(self) -> bool:
+    return self.temporal.group_norm == "global"
+
+  def total_frames(self, local_frames: int) -> int:
+    return local_frames * self.num_shards
+
+  def frame_offset(self, local_frames: int) -> jax.Array | int:
+    """Video index of the first local frame."""
+    if self.axis_name is None:
+      return 0
+    return jax.lax.axis_index(self.axis_name) * local_frames
+
+  def halo(self, x: jax.Array, n: int, axis: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(left, right): the n frames before and after the local clip along ``axis``; zeros past the ends."""
+    t = x.shape[axis]
+    if n == 0:
+      empty = jax.lax.slice_in_dim(x, 0, 0, axis=axis)
+      return empty, empty
+    if self.axis_name is None or self.num_shards == 1:
+      z = jnp.zeros(x.shape[:axis] + (n,) + x.shape[axis + 1:], x.dtype)
+      return z, z
+    if n > t:
+      raise ValueError(f"a halo of {n} frames needs at least {n} frames per device, got {t}")
+    d = self.num_shards
+    tail = jax.lax.slice_in_dim(x, t - n, t, axis=axis)
+    head = jax.lax.slice_in_dim(x, 0, n, axis=axis)
+    # ppermute leaves zeros on the devices that receive nothing: the video's two ends.
+    left = jax.lax.ppermute(tail, self.axis_name, [(i, i + 1) for i in range(d - 1)])
+    right = jax.lax.ppermute(head, self.axis_name, [(i + 1, i) for i in range(d - 1)])
+    return left, right
+
+  def sum_frames(self, x: jax.Array) -> jax.Array:
+    """Sum of per-device partial sums over the whole video (exact GroupNorm statistics)."""
+    if self.axis_name is None or not self.exact_norm:
+      return x
+    return jax.lax.psum(x, self.axis_name)
+
+  def all_frames(self, x: jax.Array, axis: int) -> jax.Array:
+    """The whole video along ``axis`` (device order = frame order)."""
+    if self.axis_name is None:
+      return x
+    return jax.lax.all_gather(x, self.axis_name, axis=axis, tiled=True)
+
+  def gather_frames(self, x: jax.Array, positions: tuple[int, ...], axis: int) -> jax.Array:
+    """Frames at the given (static, sorted) video positions, identical on every device."""
+    t = x.shape[axis]
+    if self.axis_name is None:
+      return jnp.take(x, np.asarray(positions), axis=axis)
+    # Each device sends the same number c of candidate frames (static shapes); which of the
+    # gathered (device, slot) pairs are real is known statically, so the selection is static too.
+    plan = _gather_plan(positions, t, self.num_shards)
+    # local indices of this device's candidates, from a per-device table (index 0 where unused)
+    idx = jnp.asarray(plan.local_index)[jax.lax.axis_index(self.axis_name)]  # [c]
+    mine = jnp.take(x, idx, axis=axis)  # c frames
+    everyone = jax.lax.all_gather(mine, self.axis_name, axis=axis, tiled=True)  # D*c frames
+    return jnp.take(everyone, np.asarray(plan.select), axis=axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GatherPlan:
+  per_device: int
+  local_index: np.ndarray  # [D, c] local frame index each device sends
+  select: np.ndarray  # [len(positions)] flat index into the gathered D*c frames
+
+
+def _gather_plan(positions: tuple[int, ...], t: int, d: int) -> _GatherPlan:
+  owned = [[p - r * t for p in positions if r * t <= p < (r + 1) * t] for r in range(d)]
+  c = max(1, max(len(o) for o in owned))
+  local_index = np.zeros((d, c), np.int32)
+  select = []
+  for r, o in enumerate(owned):
+    local_index[r, : len(o)] = o
+    select += [r * c + j for j in range(len(o))]
+  return _GatherPlan(c, local_index, np.asarray(select, np.int32))
+
+
+def global_positions(num_frames: int, num_global: int) -> tuple[int, ...]:
+  """The fixed video indices k * N / G of the dual-scope attention's global frames."""
+  if num_frames % num_global:
+    raise ValueError(f"{num_frames} frames are not divisible by num_global={num_global}")
+  stride = num_frames // num_global
+  return tuple(range(0, num_frames, stride))
+
+
+def check_frames(num_frames: int, num_devices: int, temporal: TemporalConfig) -> None:
+  """Raise before compiling when a frame count cannot work with this device count and temporal config."""
+  e = []
+  if num_frames < 1:
+    e.append(f"frames={num_frames}, expected >= 1")
+  elif num_frames % num_devices:
+    e.append(f"frames={num_frames} is not divisible by the {num_devices} devices of the 'frames' axis")
+  else:
+    t = num_frames // num_devices
+    if num_devices > 1 and t < 4:
+      e.append(f"frames per device={t} (frames={num_frames} over {num_devices} devices): the temporal conv "
+               "blocks need a 4-frame halo, so at least 4 frames per device")
+    if temporal.attention == "dual":
+      if num_devices > 1 and temporal.window > t:
+        e.append(f"window P={temporal.window} is larger than the {t} frames each device holds "
+                 f"(frames={num_frames} over {num_devices} devices)")
+      if num_frames % temporal.num_global:
+        e.append(f"frames={num_frames} is not divisible by num_global G={temporal.num_global}")
+  if e:
+    raise ValueError("frames do not fit the parallel scheme:\n  - " + "\n  - ".join(e))
+
+
+def lcm_frames(num_devices: int, temporal: TemporalConfig) -> int:
+  """Smallest frame-count step that every check above accepts (for error messages)."""
+  step = num_devices
+  if temporal.attention == "dual":
+    step = step * temporal.num_global // math.gcd(step, temporal.num_global)
+  return step
