@@ -59,5 +59,5 @@ class GroupNorm(nnx.Module):
     c = x.shape[-1]
     xg = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
     y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-    y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)

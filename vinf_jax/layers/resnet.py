@@ -38,10 +38,10 @@ class TemporalConv(nnx.Module):
     b, t, h, w, c = x.shape
     y = jax.lax.conv_general_dilated(
         x.reshape(b, t, h * w, c).astype(self.dtype),  # frames as "height", pixels as "width"
-        self.kernel.value[:, None].astype(self.dtype),  # [3, 1, C, C] HWIO
+        self.kernel[...][:, None].astype(self.dtype),  # [3, 1, C, C] HWIO
         window_strides=(1, 1), padding=((padding, padding), (0, 0)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = y + self.bias.value.astype(self.dtype)
+    y = y + self.bias[...].astype(self.dtype)
     return y.reshape(b, y.shape[1], h, w, c)
 
 

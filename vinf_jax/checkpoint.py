@@ -1,0 +1,79 @@
+"""Orbax save/restore of plain nested parameter dicts, restored into abstract NNX models.
+
+On disk a component is a plain nested dict (string keys, list indices as "0", "1", ...) written by
+orbax's StandardCheckpointer; nothing of NNX's object graph is stored, so the files stay readable
+by any JAX code. Restoring builds the model abstractly (``nnx.eval_shape``) and fills it, placing
+each array directly with the requested sharding (replicated over a mesh, say).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+def _str_keys(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def _like_keys(tree: Any, ref: Any) -> Any:
+  """Give ``tree`` (string keys) the key types of ``ref`` (ints for nnx.List indices)."""
+  if isinstance(ref, dict):
+    return {k: _like_keys(tree[str(k)], v) for k, v in ref.items()}
+  return tree
+
+
+def save_params(path: str | os.PathLike, params: dict) -> None:
+  """Write a nested dict of arrays to ``path`` (which must not exist)."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), _str_keys(params))
+  ckptr.wait_until_finished()
+
+
+def param_tree(model: nnx.Module) -> dict:
+  """The model's parameters as a nested pure dict (what :func:`save_params` stores)."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load_params(path: str | os.PathLike, *, make_abstract: Callable[[], nnx.Module],
+                sharding: jax.sharding.Sharding | None = None) -> nnx.Module:
+  """Restore a component saved by :func:`save_params` into a model built by ``make_abstract``.
+
+  Args:
+    path: the component's orbax directory.
+    make_abstract: returns the abstract model (``nnx.eval_shape`` of its constructor); its parameter
+      dtypes decide the restored dtypes (stored float32 weights are cast on the way in).
+    sharding: where to place every parameter (default: the first local device).
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no converted weights at {path}")
+  abstract = make_abstract()
+  graphdef, state = nnx.split(abstract)
+  ref = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), _str_keys(ref))
+  ckptr = ocp.StandardCheckpointer()
+  stored = ckptr.metadata(path)
+  stored_tree = getattr(stored, "item_metadata", stored)
+  try:
+    restored = ckptr.restore(path, target)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"the weights at {path} do not fit the model of this config "
+                     f"(stored: {_summary(stored_tree)}): {e}") from e
+  nnx.replace_by_pure_dict(state, _like_keys(restored, ref))
+  return nnx.merge(graphdef, state)
+
+
+def _summary(tree: Any) -> str:
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  n = sum(int(np.prod(x.shape)) for x in leaves if hasattr(x, "shape"))
+  return f"{len(leaves)} arrays, {n:,} values"
