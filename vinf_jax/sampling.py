@@ -1,0 +1,476 @@
+"""Samplers as pure functions: VideoCrafter2's DDIM and DPM-Solver++(2M) SDE (Video-Infinity's sampler).
+
+Everything that depends only on the step index is computed once on the host, in float64, into a
+:class:`SamplerPlan` of per-step numpy arrays. A sampling step is then one affine update that only
+indexes those arrays with the (traced) step index, so it lives happily inside ``jit``, ``scan`` and
+``shard_map``::
+
+  plan = make_plan(SamplerConfig(name="dpmpp_sde", steps=30, guidance=12.0))
+  state = init(plan, initial_noise(seed, frames, (h, w, c))[None])           # x: [b, t, h, w, c]
+  for i in range(num_steps(plan)):
+    t = timestep(plan, i)                                                     # UNet timestep
+    e_u, e_c = unet(state.x, t, uncond), unet(state.x, t, cond)
+    state = step(plan, state, e_u, e_c, frame_noise(seed, i, frames, (h, w, c))[None])
+  latent = state.x
+
+Both samplers share one update (``i`` = sampling step, 0 = noisiest)::
+
+  e  = e_u + g (e_c - e_u)
+  x0 = x0_from_x[i] x - x0_from_eps[i] e
+  x' = coef_x[i] x + coef_x0[i] x0 + coef_prev_x0[i] x0_prev + coef_eps[i] e + coef_noise[i] z
+
+* DDIM (VideoCrafter2, ``lvdm/models/samplers/ddim.py`` with ``use_scale``): ``x0`` divides out
+  ``scale_arr[t]`` and ``x' = sqrt(a_prev) s_prev x0 + sqrt(1 - a_prev - sigma^2) e + sigma z``, so
+  ``coef_x = coef_prev_x0 = 0``.
+* DPM-Solver++ SDE (Lu et al. 2022, arXiv 2211.01095, the stochastic data-prediction solver), in
+  the variant diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+  solver_order=2, solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero")`` runs
+  for Video-Infinity: with ``lambda = log(alpha / sigma)`` and ``h = lambda_next - lambda``::
+
+    x' = (sigma_next / sigma) e^-h x + alpha_next (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z
+    D  = x0                                        (first order: the first and the last step)
+    D  = x0 + (x0 - x0_prev) / (2 r),  r = h_prev / h   (second order, midpoint)
+
+  The last step goes to sigma = 0 and returns the data prediction ``x0`` itself (no noise). No
+  ``scale_arr``: the diffusers path of Video-Infinity does not apply it.
+
+The latent layout is ``[b, t, h, w, c]``. Noise comes from :func:`initial_noise` and
+:func:`frame_noise`, which derive every frame's noise from ``(seed, step, global frame index)`` so
+that a video does not depend on how its frames are split over devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_TRAIN_TIMESTEPS = 1000
+LINEAR_START = 0.00085  # VideoCrafter2 `linear_start` (SD's "scaled_linear" beta_start)
+LINEAR_END = 0.012
+# VideoCrafter2's `use_scale`: scale_a, scale_b, base_scale_step; `fix_scale_bug: false` makes the
+# constant part `num_timesteps` long, so the buffer has 400 + 1000 entries.
+SCALE_A = 1.0
+SCALE_B = 0.7
+BASE_SCALE_STEP = 400
+
+SAMPLERS = ("ddim", "dpmpp_sde")
+
+# Streams of the noise key tree: initial latent and per-step (SDE / DDIM eta) noise never collide.
+_INITIAL_STREAM = 0
+_STEP_STREAM = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion schedule (VideoCrafter2 `register_schedule` + `scale_arr`)
+
+
+def schedule() -> dict[str, np.ndarray]:
+  """The 13 top-level buffers of VideoCrafter2's LatentDiffusion, float32, computed as LDM does.
+
+  Everything is computed in float64 and cast to float32 at the end (``register_schedule`` with
+  ``v_posterior = 0``), then ``scale_arr`` (length 1400, see the module constants).
+  """
+  betas = np.linspace(LINEAR_START**0.5, LINEAR_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=np.float64) ** 2
+  alphas = 1.0 - betas
+  abar = np.cumprod(alphas)
+  abar_prev = np.append(1.0, abar[:-1])
+  posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+  scale_arr = np.concatenate([np.linspace(SCALE_A, SCALE_B, BASE_SCALE_STEP), np.full(NUM_TRAIN_TIMESTEPS, SCALE_B)])
+  out = {
+    "betas": betas,
+    "alphas_cumprod": abar,
+    "alphas_cumprod_prev": abar_prev,
+    "sqrt_alphas_cumprod": np.sqrt(abar),
+    "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - abar),
+    "log_one_minus_alphas_cumprod": np.log(1.0 - abar),
+    "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar),
+    "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1.0),
+    "posterior_variance": posterior_variance,
+    # The posterior variance is 0 at t = 0, hence the clip before the log.
+    "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+    "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
+    "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+    "scale_arr": scale_arr,
+  }
+  return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def check_schedule_buffers(buffers: Mapping[str, np.ndarray], atol: float = 1e-6, rtol: float = 1e-6) -> None:
+  """Raises ValueError naming every buffer that is missing, unexpected, mis-shaped or off.
+
+  A buffer is off when ``|got - want| > atol + rtol * |want|`` anywhere. The relative term allows
+  for a float32 ulp of the large entries (``posterior_log_variance_clipped[0]`` is -46, where one
+  ulp is 4e-6): the checkpoint's float64 betas came from ``torch.linspace``, not ``np.linspace``.
+  """
+  want = schedule()
+  errors = []
+  for name, ref in want.items():
+    if name not in buffers:
+      errors.append(f"{name}: missing")
+      continue
+    got = np.asarray(buffers[name])
+    if got.shape != ref.shape:
+      errors.append(f"{name}: shape {got.shape}, expected {ref.shape}")
+      continue
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    bad = ~(diff <= atol + rtol * np.abs(ref.astype(np.float64)))  # NaN counts as bad
+    if bad.any():
+      worst = float("nan") if np.isnan(diff).any() else float(diff.max())
+      errors.append(
+        f"{name}: max |diff| {worst:.3g}, {int(bad.sum())} of {ref.size} entries beyond "
+        f"atol={atol:g} + rtol={rtol:g} * |expected|"
+      )
+  for name in sorted(set(buffers) - set(want)):
+    errors.append(f"{name}: unexpected buffer")
+  if errors:
+    raise ValueError("schedule buffers disagree with VideoCrafter2's schedule:\n  - " + "\n  - ".join(errors))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Which sampler, how many steps, how much guidance.
+
+  Attributes:
+    name: 'dpmpp_sde' (Video-Infinity: diffusers' SDE-DPM-Solver++ 2M, midpoint, no Karras sigmas,
+      'linspace' timesteps 999, 966, 932, ... for 30 steps; no ``scale_arr``) or 'ddim'
+      (VideoCrafter2's own DDIM with ``scale_arr``; its script runs 50 steps, eta 1.0).
+    steps: requested number of sampling steps (1..500 for 'ddim', 1..999 for 'dpmpp_sde'). DDIM may run
+      more, see ``ddim_exact_steps``.
+    guidance: classifier-free guidance scale g in ``e = e_u + g (e_c - e_u)`` (>= 0; both
+      VideoCrafter2 and Video-Infinity use 12).
+    eta: DDIM noise level (0 = deterministic DDIM, 1 = VideoCrafter2's default). Ignored by 'dpmpp_sde'.
+    ddim_exact_steps: DDIM only. False reproduces VideoCrafter2: timesteps ``arange(0, 1000, 1000 // steps)
+      + 1``, which has more than ``steps`` entries when 1000 % steps != 0 (30 -> 31 steps, 991 down to 1;
+      60 -> 63). True keeps exactly ``steps`` of them, the lowest ones (diffusers' DDIM 'leading' spacing
+      with steps_offset=1): for 30 steps, 958 down to 1, so sampling starts below the top timestep 991.
+  """
+
+  name: str = "dpmpp_sde"
+  steps: int = 30
+  guidance: float = 12.0
+  eta: float = 1.0
+  ddim_exact_steps: bool = False
+
+  def validate(self) -> SamplerConfig:
+    e: list[str] = []
+    if self.name not in SAMPLERS:
+      e.append(f"name={self.name!r}, expected one of {SAMPLERS}")
+    # DDIM: 1000 // steps must be >= 2, else the top timestep is 1000 (VideoCrafter2 fails there too);
+    # DPM-Solver: 1000 steps would repeat a timestep.
+    max_steps = {"ddim": NUM_TRAIN_TIMESTEPS // 2}.get(self.name, NUM_TRAIN_TIMESTEPS - 1)
+    if not (isinstance(self.steps, int | np.integer) and 1 <= self.steps <= max_steps):
+      e.append(f"steps={self.steps!r}, expected an integer in 1..{max_steps} for {self.name!r}")
+    if not (np.isfinite(self.guidance) and self.guidance >= 0):
+      e.append(f"guidance={self.guidance!r}, expected a finite value >= 0")
+    if not (np.isfinite(self.eta) and self.eta >= 0):
+      e.append(f"eta={self.eta!r}, expected a finite value >= 0")
+    if not isinstance(self.ddim_exact_steps, bool | np.bool_):
+      e.append(f"ddim_exact_steps={self.ddim_exact_steps!r}, expected a bool")
+    if e:
+      raise ValueError("invalid SamplerConfig:\n  - " + "\n  - ".join(e))
+    return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan: per-step constants
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplerPlan:
+  """Per-step constants of one sampling run, in sampling order (index 0 = the noisiest step).
+
+  A pytree: the arrays are leaves (numpy on the host; pass the plan into ``jit`` as an argument
+  or close over it), ``name`` and ``stochastic`` are static.
+
+  Attributes:
+    name: the sampler, 'ddim' or 'dpmpp_sde'.
+    stochastic: whether any step uses noise (False: ``step`` accepts ``noise=None``).
+    timesteps: int32 [S], the UNet timestep of each step.
+    guidance: float32 [], the classifier-free guidance scale.
+    x0_from_x, x0_from_eps: float32 [S], ``x0 = x0_from_x * x - x0_from_eps * e``.
+    coef_x, coef_x0, coef_prev_x0, coef_eps, coef_noise: float32 [S], the update
+      ``x' = coef_x x + coef_x0 x0 + coef_prev_x0 x0_prev + coef_eps e + coef_noise z``.
+  """
+
+  name: str
+  stochastic: bool
+  timesteps: np.ndarray
+  guidance: np.ndarray
+  x0_from_x: np.ndarray
+  x0_from_eps: np.ndarray
+  coef_x: np.ndarray
+  coef_x0: np.ndarray
+  coef_prev_x0: np.ndarray
+  coef_eps: np.ndarray
+  coef_noise: np.ndarray
+
+
+_PLAN_META = ("name", "stochastic")
+_PLAN_ARRAYS = tuple(f.name for f in dataclasses.fields(SamplerPlan) if f.name not in _PLAN_META)
+jax.tree_util.register_dataclass(SamplerPlan, data_fields=list(_PLAN_ARRAYS), meta_fields=list(_PLAN_META))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerState:
+  """The sampler's carry (a pytree).
+
+  Attributes:
+    x: float32 [b, t, h, w, c], the current latent.
+    x0: float32 [b, t, h, w, c], the data prediction of the last step (DPM-Solver's history;
+      zeros before the first step; DDIM does not read it, but it is there for previews).
+    i: int32 [], the index of the next step.
+  """
+
+  x: jax.Array
+  x0: jax.Array
+  i: jax.Array
+
+
+jax.tree_util.register_dataclass(SamplerState, data_fields=["x", "x0", "i"], meta_fields=[])
+
+
+def ddim_timesteps(steps: int, exact: bool = False) -> np.ndarray:
+  """VideoCrafter2's 'uniform' DDIM timesteps, ascending: ``arange(0, 1000, 1000 // steps) + 1``.
+
+  With ``exact`` only the first ``steps`` of them (see ``SamplerConfig.ddim_exact_steps``).
+  """
+  ts = np.arange(0, NUM_TRAIN_TIMESTEPS, NUM_TRAIN_TIMESTEPS // steps) + 1
+  return ts[:steps] if exact else ts
+
+
+def dpm_timesteps(steps: int) -> np.ndarray:
+  """diffusers' 'linspace' timestep spacing, descending: ``round(linspace(0, 999, steps + 1))[::-1][:-1]``.
+
+  numpy rounds halves to even (832.5 -> 832), which is what diffusers gets.
+  """
+  return np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+
+
+def _ddim_coefficients(cfg: SamplerConfig, abar: np.ndarray, scale_arr: np.ndarray) -> dict[str, np.ndarray]:
+  ts = ddim_timesteps(cfg.steps, cfg.ddim_exact_steps)  # ascending; VideoCrafter2 indexes it from below
+  a_t = abar[ts]
+  a_prev = np.concatenate([abar[:1], abar[ts[:-1]]])  # the lowest step goes to abar[0], not to 1
+  s_t = scale_arr[ts]
+  s_prev = np.concatenate([scale_arr[:1], scale_arr[ts[:-1]]])
+  sigma = cfg.eta * np.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+  zeros = np.zeros_like(a_t)
+  coef = {
+    "timesteps": ts,
+    "x0_from_x": 1.0 / (np.sqrt(a_t) * s_t),
+    "x0_from_eps": np.sqrt(1.0 - a_t) / (np.sqrt(a_t) * s_t),
+    "coef_x": zeros,
+    "coef_x0": np.sqrt(a_prev) * s_prev,
+    "coef_prev_x0": zeros,
+    "coef_eps": np.sqrt(1.0 - a_prev - sigma**2),
+    "coef_noise": sigma,
+  }
+  return {k: v[::-1] for k, v in coef.items()}  # sampling order: noisiest first
+
+
+def _dpmpp_sde_coefficients(cfg: SamplerConfig, abar: np.ndarray) -> dict[str, np.ndarray]:
+  ts = dpm_timesteps(cfg.steps)
+  n = len(ts)
+  # VP schedule at the steps plus the final sigma = 0 ("final_sigmas_type zero"): alpha = 1, sigma = 0.
+  alpha = np.append(np.sqrt(abar[ts]), 1.0)
+  sigma = np.append(np.sqrt(1.0 - abar[ts]), 0.0)
+  with np.errstate(divide="ignore"):
+    lam = np.log(alpha) - np.log(sigma)  # lambda = +inf at the end
+  h = lam[1:] - lam[:-1]  # [n], the last one is +inf
+  e1 = np.exp(-h)  # 0 at the last step
+  coef_x = sigma[1:] / sigma[:-1] * e1
+  coef_d = alpha[1:] * (1.0 - e1 * e1)  # alpha_next (1 - e^-2h)
+  coef_noise = sigma[1:] * np.sqrt(1.0 - e1 * e1)
+  # Multistep order: the first step has no history and the step to sigma = 0 is always first order
+  # (diffusers' lower_order_final with final_sigmas_type "zero", whatever the number of steps). With
+  # solver_order 2 the "< 15 steps" rule only changes the second-to-last step, which is second order
+  # either way. Every other step is the second-order midpoint update.
+  w0 = np.ones(n)
+  w1 = np.zeros(n)
+  second = np.arange(n)
+  second = second[(second >= 1) & (second <= n - 2)]
+  r = h[second - 1] / h[second]
+  w0[second] = 1.0 + 0.5 / r
+  w1[second] = -0.5 / r
+  return {
+    "timesteps": ts,
+    "x0_from_x": 1.0 / alpha[:-1],
+    "x0_from_eps": sigma[:-1] / alpha[:-1],
+    "coef_x": coef_x,
+    "coef_x0": coef_d * w0,
+    "coef_prev_x0": coef_d * w1,
+    "coef_eps": np.zeros(n),
+    "coef_noise": coef_noise,
+  }
+
+
+def make_plan(cfg: SamplerConfig, *, alphas_cumprod: np.ndarray | None = None) -> SamplerPlan:
+  """Precomputes every per-step constant of ``cfg`` on the host (float64, stored float32).
+
+  Args:
+    cfg: the sampler configuration (validated here).
+    alphas_cumprod: [1000] the schedule's alpha-bar; defaults to ``schedule()["alphas_cumprod"]``
+      (float32, as the checkpoint holds it). Tests pass diffusers' own float32 schedule here.
+  """
+  cfg.validate()
+  buffers = schedule()
+  abar = buffers["alphas_cumprod"] if alphas_cumprod is None else np.asarray(alphas_cumprod)
+  if abar.shape != (NUM_TRAIN_TIMESTEPS,):
+    raise ValueError(f"alphas_cumprod has shape {abar.shape}, expected ({NUM_TRAIN_TIMESTEPS},)")
+  abar = abar.astype(np.float64)
+  if cfg.name == "ddim":
+    coef = _ddim_coefficients(cfg, abar, buffers["scale_arr"].astype(np.float64))
+  else:
+    coef = _dpmpp_sde_coefficients(cfg, abar)
+  arrays = {k: np.ascontiguousarray(v, dtype=np.int32 if k == "timesteps" else np.float32) for k, v in coef.items()}
+  bad = [k for k, v in arrays.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise ValueError(f"non-finite sampler coefficients {bad} for {cfg}")
+  return SamplerPlan(
+    name=cfg.name,
+    stochastic=bool(np.any(arrays["coef_noise"] != 0)),
+    guidance=np.asarray(cfg.guidance, np.float32),
+    **arrays,
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+def num_steps(plan: SamplerPlan) -> int:
+  """Number of sampling steps (may exceed the requested ``steps`` for VideoCrafter2's DDIM)."""
+  return int(np.shape(plan.timesteps)[0])
+
+
+def timestep(plan: SamplerPlan, i: int | jax.Array) -> jax.Array:
+  """int32 [], the UNet timestep of sampling step ``i`` (``i`` may be traced)."""
+  return jnp.asarray(plan.timesteps)[i]
+
+
+def init(plan: SamplerPlan, x_T: jax.Array) -> SamplerState:
+  """The state before the first step; ``x_T`` [b, t, h, w, c] is standard normal noise (both samplers)."""
+  del plan  # both samplers start from unit-variance noise (diffusers' init_noise_sigma is 1)
+  x = jnp.asarray(x_T, jnp.float32)
+  return SamplerState(x=x, x0=jnp.zeros_like(x), i=jnp.zeros((), jnp.int32))
+
+
+def step(
+  plan: SamplerPlan,
+  state: SamplerState,
+  eps_uncond: jax.Array | None,
+  eps_cond: jax.Array,
+  noise: jax.Array | None = None,
+) -> SamplerState:
+  """One sampling step from ``state.i``; works under ``jit`` with a traced ``state.i``.
+
+  Args:
+    plan: from :func:`make_plan`.
+    state: the carry; ``x`` is what the UNet saw at ``timestep(plan, state.i)``.
+    eps_uncond: the unconditional UNet output [b, t, h, w, c], or None for no guidance (``e = eps_cond``).
+    eps_cond: the conditional UNet output [b, t, h, w, c] (any float dtype; the update runs in x's dtype).
+    noise: standard normal [b, t, h, w, c] for this step (:func:`frame_noise`); may be None when
+      ``plan.stochastic`` is False (DDIM with eta 0).
+
+  Returns:
+    The state after the step, ``i`` advanced by one.
+  """
+  i = state.i
+  dt = state.x.dtype
+  c = lambda name: jnp.asarray(getattr(plan, name), dt)[i]
+  e = eps_cond.astype(dt)
+  if eps_uncond is not None:
+    e_u = eps_uncond.astype(dt)
+    e = e_u + jnp.asarray(plan.guidance, dt) * (e - e_u)
+  x0 = c("x0_from_x") * state.x - c("x0_from_eps") * e
+  x = c("coef_x") * state.x + c("coef_x0") * x0 + c("coef_prev_x0") * state.x0 + c("coef_eps") * e
+  if noise is not None:
+    x = x + c("coef_noise") * noise.astype(dt)
+  elif plan.stochastic:
+    raise ValueError(f"the {plan.name!r} plan adds noise: pass `noise` (frame_noise) to step()")
+  return SamplerState(x=x, x0=x0, i=i + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise that does not depend on the device split
+
+
+def _frames_normal(key: jax.Array, frame_index: jax.Array, shape_per_frame: Sequence[int], dtype) -> jax.Array:
+  frame_index = jnp.asarray(frame_index, jnp.int32)
+  one = lambda f: jax.random.normal(jax.random.fold_in(key, f), tuple(shape_per_frame), dtype)
+  return jax.vmap(one)(frame_index)  # [t, *shape_per_frame]
+
+
+def initial_noise(
+  seed: int | jax.Array,
+  frame_index: jax.Array,
+  shape_per_frame: Sequence[int],
+  *,
+  video_index: int | jax.Array = 0,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """x_T of the given global frames: [t, *shape_per_frame], e.g. [t, h, w, c].
+
+  Frame f of video ``video_index`` always gets ``normal(fold_in(key(seed), stream 0, video, f))``, so
+  a device holding frames [r*T, (r+1)*T) draws exactly its part of the whole video's noise. Add the
+  batch axis with ``[None]`` (one video) or use :func:`batch_initial_noise`. Traceable in every argument
+  but ``shape_per_frame``.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _INITIAL_STREAM), video_index)
+  return _frames_normal(key, frame_index, shape_per_frame, dtype)
+
+
+def frame_noise(
+  seed: int | jax.Array,
+  step: int | jax.Array,
+  frame_index: jax.Array,
+  shape_per_frame: Sequence[int],
+  *,
+  video_index: int | jax.Array = 0,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """Noise of sampling step ``step`` (the index ``i``, not the timestep) for the given global frames.
+
+  Returns [t, *shape_per_frame], drawn as ``normal(fold_in(key(seed), stream 1, step, video, f))``
+  per frame f, so it depends only on (seed, step, video, global frame index). ``frame_index`` may be
+  traced, e.g. ``axis_index('frames') * t_local + arange(t_local)`` under ``shard_map``.
+  """
+  key = jax.random.fold_in(jax.random.key(seed), _STEP_STREAM)
+  key = jax.random.fold_in(jax.random.fold_in(key, step), video_index)
+  return _frames_normal(key, frame_index, shape_per_frame, dtype)
+
+
+def batch_initial_noise(
+  seed: int | jax.Array,
+  frame_index: jax.Array,
+  shape_per_frame: Sequence[int],
+  batch: int,
+  *,
+  first_video: int | jax.Array = 0,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """[b, t, *shape_per_frame]: :func:`initial_noise` of videos ``first_video .. first_video + b - 1``."""
+  videos = first_video + jnp.arange(batch, dtype=jnp.int32)
+  return jax.vmap(lambda v: initial_noise(seed, frame_index, shape_per_frame, video_index=v, dtype=dtype))(videos)
+
+
+def batch_frame_noise(
+  seed: int | jax.Array,
+  step: int | jax.Array,
+  frame_index: jax.Array,
+  shape_per_frame: Sequence[int],
+  batch: int,
+  *,
+  first_video: int | jax.Array = 0,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """[b, t, *shape_per_frame]: :func:`frame_noise` of videos ``first_video .. first_video + b - 1``."""
+  videos = first_video + jnp.arange(batch, dtype=jnp.int32)
+  return jax.vmap(lambda v: frame_noise(seed, step, frame_index, shape_per_frame, video_index=v, dtype=dtype))(videos)
