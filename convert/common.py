@@ -27,6 +27,7 @@ class SourceTensor:
 
   shape: tuple[int, ...]
   load: Callable[[], np.ndarray]  # returns float32 (or the stored dtype) numpy
+  stored_dtype: str = "float32"  # as stored in the file (a half-precision file rounds every value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +45,19 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": lambda w: w,
     "linear": lambda w: w.T,  # [out, in] -> [in, out]
     "conv": _conv_nd_to_hwio,  # Conv2d [O,I,kh,kw] -> [kh,kw,I,O]
-    "conv1d_as_linear": lambda w: w[:, :, 0].T,  # Conv1d [O,I,1] -> Dense [I,O]
-    "conv1x1_as_linear": lambda w: w[:, :, 0, 0].T,  # Conv2d [O,I,1,1] -> Dense [I,O]
-    "temporal_conv": lambda w: np.transpose(w[:, :, :, 0, 0], (2, 1, 0)),  # Conv3d [O,I,3,1,1] -> [3,I,O]
+    # np.squeeze raises unless the dropped axes have size 1, so a 3x3 kernel is never cropped silently
+    "conv1d_as_linear": lambda w: np.squeeze(w, axis=2).T,  # Conv1d [O,I,1] -> Dense [I,O]
+    "conv1x1_as_linear": lambda w: np.squeeze(w, axis=(2, 3)).T,  # Conv2d [O,I,1,1] -> Dense [I,O]
+    "temporal_conv": lambda w: np.transpose(np.squeeze(w, axis=(3, 4)), (2, 1, 0)),  # Conv3d [O,I,3,1,1] -> [3,I,O]
 }
 
 
-def transformed_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(TRANSFORMS[transform](np.empty(shape, np.uint8)).shape)
+def transformed_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...] | str:
+  """The shape after ``transform``, or a message when the transform does not apply to ``shape``."""
+  try:
+    return tuple(TRANSFORMS[transform](np.empty(shape, np.uint8)).shape)
+  except (ValueError, IndexError, np.exceptions.AxisError) as e:
+    return f"not a valid input ({e})"
 
 
 class ConversionError(ValueError):

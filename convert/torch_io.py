@@ -52,7 +52,9 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, SourceTensor]:
   out = {}
   for k in f.keys():
     sl = f.get_slice(k)
-    out[k] = SourceTensor(tuple(sl.get_shape()), (lambda k=k: np.asarray(f.get_tensor(k), np.float32)))
+    out[k] = SourceTensor(tuple(sl.get_shape()), (lambda k=k: np.asarray(f.get_tensor(k), np.float32)),
+                          str(sl.get_dtype()).lower().replace("f16", "float16").replace("bf16", "bfloat16")
+                          .replace("f32", "float32"))
   return out
 
 
@@ -75,7 +77,8 @@ def torch_sources(sd: Mapping) -> dict[str, SourceTensor]:
   for k, v in sd.items():
     if not isinstance(v, torch.Tensor):
       raise ValueError(f"checkpoint entry {k!r} is a {type(v).__name__}, not a tensor")
-    out[k] = SourceTensor(tuple(v.shape), (lambda v=v: v.detach().to(torch.float32).numpy()))
+    out[k] = SourceTensor(tuple(v.shape), (lambda v=v: v.detach().to(torch.float32).numpy()),
+                          str(v.dtype).removeprefix("torch."))
   return out
 
 

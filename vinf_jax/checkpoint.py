@@ -77,3 +77,30 @@ def _summary(tree: Any) -> str:
   leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
   n = sum(int(np.prod(x.shape)) for x in leaves if hasattr(x, "shape"))
   return f"{len(leaves)} arrays, {n:,} values"
+
+
+# ------------------------------------------------------------------------------------------------
+# Converted model directories (written by ``python -m convert.videocrafter2``).
+
+CONFIG_FILE = "config.json"
+
+
+def read_model_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer")):
+  """(ModelConfig, components) of a converted directory; errors name what is missing."""
+  import json
+
+  from vinf_jax.config import ModelConfig
+
+  path = os.fspath(path)
+  cfg_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"{path} is not a converted model directory (no {CONFIG_FILE}); "
+                            "convert weights with `python -m convert.videocrafter2 --ckpt model.ckpt --out DIR`")
+  with open(cfg_file) as f:
+    meta = json.load(f)
+  cfg = ModelConfig.from_dict(meta["model"])
+  have = list(meta.get("components", []))
+  missing = [c for c in need if c not in have or not os.path.isdir(os.path.join(path, c))]
+  if missing:
+    raise FileNotFoundError(f"converted model directory {path} is incomplete: missing {missing} (has {have})")
+  return cfg, have

@@ -1,0 +1,164 @@
+"""The converter CLI: strictness, safety, atomic output, and a round trip through orbax."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from convert import common, unet_table, videocrafter2
+from convert.torch_io import UnsafeCheckpointError, torch_sources
+from tests._checkpoints import original_state_dict
+from vinf_jax import checkpoint
+from vinf_jax.config import TINY
+from vinf_jax.models import unet3d
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MANIFEST = ROOT.parent / "shared" / "reference" / "videocrafter2_state_dict.json"
+
+
+@pytest.fixture(scope="module")
+def state_dict():
+  return original_state_dict(TINY, seed=1)
+
+
+def _convert(tmp_path, obj, name="model.ckpt", **kw):
+  src = tmp_path / name
+  torch.save(obj, src)
+  out = tmp_path / "out"
+  videocrafter2.run(out=str(out), cfg=TINY, dtype=kw.pop("dtype", "float32"), ckpt=str(src), **kw)
+  return out
+
+
+def _leftovers(tmp_path):
+  return sorted(p.name for p in tmp_path.iterdir() if p.name != "model.ckpt")
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "module", "bare"])
+def test_three_layouts_convert_and_restore_to_the_same_outputs(tmp_path, state_dict, layout):
+  if layout == "state_dict":
+    obj = {"state_dict": state_dict}
+  elif layout == "module":
+    obj = {"module": {"_forward_module." + k: v for k, v in state_dict.items()}}
+  else:
+    obj = state_dict
+  out = _convert(tmp_path, obj)
+  cfg, components = checkpoint.read_model_dir(out)
+  assert components == ["unet", "vae", "text_encoder", "tokenizer"]
+  assert cfg.unet == TINY.unet and cfg.vae == TINY.vae
+  restored = checkpoint.load_params(out / "unet", make_abstract=lambda: unet3d.abstract(TINY.unet))
+  # the same weights converted in memory, without orbax in between
+  targets = common.target_shapes(unet3d.abstract(TINY.unet))
+  pre = "model.diffusion_model."
+  params = common.convert(unet_table.original_table(targets), targets,
+                          torch_sources({k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)}),
+                          np.float32, "unet")
+  got = checkpoint.param_tree(restored)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, params)
+  if layout != "state_dict":
+    return
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 2, 8, 8, 4), dtype=np.float32)
+  ctx = rng.standard_normal((1, 77, TINY.unet.context_dim), dtype=np.float32)
+  eps = restored(x, np.array([10]), ctx, np.array([24]))
+  assert eps.shape == x.shape and np.isfinite(np.asarray(eps)).all()
+
+
+def test_any_stored_dtype_is_cast(tmp_path):
+  sd = original_state_dict(TINY, seed=2, dtype=torch.float16)
+  out = _convert(tmp_path, {"state_dict": sd}, dtype="bfloat16")
+  restored = checkpoint.load_params(out / "unet", make_abstract=lambda: unet3d.abstract(TINY.unet))
+  leaves = jax.tree.leaves(checkpoint.param_tree(restored))
+  assert {str(a.dtype) for a in leaves} == {"float32"}  # the abstract model's dtype decides
+  w = sd["model.diffusion_model.input_blocks.0.0.weight"].float().numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_allclose(np.asarray(restored.input_blocks[0][0].kernel[...]), w, rtol=1e-2)
+
+
+def _expect_failure(tmp_path, sd, *patterns):
+  with pytest.raises((common.ConversionError, ValueError)) as e:
+    _convert(tmp_path, {"state_dict": sd})
+  for p in patterns:
+    assert p in str(e.value), str(e.value)
+  assert _leftovers(tmp_path) == [], "a failed conversion left files behind"
+  return str(e.value)
+
+
+def test_missing_key(tmp_path, state_dict):
+  sd = dict(state_dict)
+  del sd["model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"]
+  _expect_failure(tmp_path, sd, "1 missing source keys", "middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+
+
+def test_unexpected_key(tmp_path, state_dict):
+  sd = dict(state_dict)
+  sd["model.diffusion_model.input_blocks.1.0.extra.weight"] = torch.zeros(3)
+  sd["model_ema.decay"] = torch.zeros(())
+  msg = _expect_failure(tmp_path, sd, "model_ema.decay")
+  assert "unexpected" in msg
+
+
+def test_wrong_shape(tmp_path, state_dict):
+  sd = dict(state_dict)
+  k = "model.diffusion_model.output_blocks.4.0.temopral_conv.conv2.3.weight"
+  sd[k] = torch.zeros(sd[k].shape[0], sd[k].shape[1], 5, 1, 1)
+  _expect_failure(tmp_path, sd, "1 mis-shaped tensors", "output_blocks.4.0.temopral_conv.conv2.3.weight")
+
+
+def test_schedule_buffers_are_checked(tmp_path, state_dict):
+  sd = dict(state_dict)
+  sd["alphas_cumprod"] = sd["alphas_cumprod"] * 1.001
+  _expect_failure(tmp_path, sd, "alphas_cumprod")
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+  _Evil.marker = str(tmp_path / "pwned")
+  src = tmp_path / "model.ckpt"
+  torch.save({"state_dict": {"x": _Evil()}}, src, pickle_protocol=2)
+  with pytest.raises(UnsafeCheckpointError, match="refused"):
+    videocrafter2.run(out=str(tmp_path / "out"), cfg=TINY, dtype="float32", ckpt=str(src))
+  assert not os.path.exists(_Evil.marker)
+  assert _leftovers(tmp_path) == []
+  # and through the command line: non-zero exit, the message, no output
+  r = subprocess.run([sys.executable, "-m", "convert.videocrafter2", f"--ckpt={src}", f"--out={tmp_path / 'o2'}",
+                      "--model=tiny"], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 1 and "refused" in r.stderr, r.stderr
+  assert not os.path.exists(_Evil.marker) and _leftovers(tmp_path) == []
+
+
+def test_existing_output_is_not_overwritten(tmp_path, state_dict):
+  (tmp_path / "out").mkdir()
+  with pytest.raises(ValueError, match="already exists"):
+    _convert(tmp_path, {"state_dict": state_dict})
+
+
+def test_check_manifest_cli():
+  r = subprocess.run([sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={MANIFEST}"],
+                     capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.strip().splitlines()
+  assert lines[-1] == "mapped 2039/2039 tensors", r.stdout
+  assert any(line.startswith("unet") and "1484 tensors" in line for line in lines)
+
+
+def test_check_manifest_rejects_a_bad_manifest(tmp_path):
+  import json
+
+  m = json.loads(MANIFEST.read_text())
+  m["tensors"]["model.diffusion_model.out.2.weight"] = [4, 320, 3, 1]
+  bad = tmp_path / "m.json"
+  bad.write_text(json.dumps(m))
+  r = subprocess.run([sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={bad}"],
+                     capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 1 and "out.2.weight" in r.stderr, r.stderr
