@@ -42,13 +42,13 @@ def _conv_nd_to_hwio(w: np.ndarray) -> np.ndarray:  # [O, I, *k] -> [*k, I, O]
 
 # Named transforms (source layout -> Flax layout) and the shape each one produces.
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "identity": lambda w: w,
-    "linear": lambda w: w.T,  # [out, in] -> [in, out]
-    "conv": _conv_nd_to_hwio,  # Conv2d [O,I,kh,kw] -> [kh,kw,I,O]
-    # np.squeeze raises unless the dropped axes have size 1, so a 3x3 kernel is never cropped silently
-    "conv1d_as_linear": lambda w: np.squeeze(w, axis=2).T,  # Conv1d [O,I,1] -> Dense [I,O]
-    "conv1x1_as_linear": lambda w: np.squeeze(w, axis=(2, 3)).T,  # Conv2d [O,I,1,1] -> Dense [I,O]
-    "temporal_conv": lambda w: np.transpose(np.squeeze(w, axis=(3, 4)), (2, 1, 0)),  # Conv3d [O,I,3,1,1] -> [3,I,O]
+  "identity": lambda w: w,
+  "linear": lambda w: w.T,  # [out, in] -> [in, out]
+  "conv": _conv_nd_to_hwio,  # Conv2d [O,I,kh,kw] -> [kh,kw,I,O]
+  # np.squeeze raises unless the dropped axes have size 1, so a 3x3 kernel is never cropped silently
+  "conv1d_as_linear": lambda w: np.squeeze(w, axis=2).T,  # Conv1d [O,I,1] -> Dense [I,O]
+  "conv1x1_as_linear": lambda w: np.squeeze(w, axis=(2, 3)).T,  # Conv2d [O,I,1,1] -> Dense [I,O]
+  "temporal_conv": lambda w: np.transpose(np.squeeze(w, axis=(3, 4)), (2, 1, 0)),  # Conv3d [O,I,3,1,1] -> [3,I,O]
 }
 
 
@@ -81,8 +81,9 @@ def target_shapes(abstract_model: nnx.Module) -> dict[Path, tuple[tuple[int, ...
   return out
 
 
-def check_table(table: Mapping[Path, Rule], targets: Mapping[Path, tuple], sources: Mapping[str, tuple[int, ...]],
-                what: str) -> None:
+def check_table(
+  table: Mapping[Path, Rule], targets: Mapping[Path, tuple], sources: Mapping[str, tuple[int, ...]], what: str
+) -> None:
   """Raise ConversionError unless the table maps ``sources`` onto ``targets`` one to one with matching shapes."""
   errors = []
   no_rule = [path_str(p) for p in targets if p not in table]
@@ -98,20 +99,27 @@ def check_table(table: Mapping[Path, Rule], targets: Mapping[Path, tuple], sourc
     if p in targets and r.source in sources:
       got = transformed_shape(r.transform, tuple(sources[r.source]))
       if got != tuple(targets[p][0]):
-        bad_shape.append(f"{r.source} {tuple(sources[r.source])} -> {path_str(p)}: "
-                         f"{got} after '{r.transform}', expected {tuple(targets[p][0])}")
-  for title, items in (("missing source keys", missing), ("unexpected source keys", unexpected),
-                       ("mis-shaped tensors", bad_shape), ("parameters without a rule", no_rule),
-                       ("rules for parameters the model lacks", no_target),
-                       ("source keys used more than once", twice)):
+        bad_shape.append(
+          f"{r.source} {tuple(sources[r.source])} -> {path_str(p)}: "
+          f"{got} after '{r.transform}', expected {tuple(targets[p][0])}"
+        )
+  for title, items in (
+    ("missing source keys", missing),
+    ("unexpected source keys", unexpected),
+    ("mis-shaped tensors", bad_shape),
+    ("parameters without a rule", no_rule),
+    ("rules for parameters the model lacks", no_target),
+    ("source keys used more than once", twice),
+  ):
     if items:
       errors.append(_listing(title, items))
   if errors:
     raise ConversionError(f"{what}: the checkpoint does not match the model\n" + "\n".join(errors))
 
 
-def convert(table: Mapping[Path, Rule], targets: Mapping[Path, tuple], sources: Mapping[str, SourceTensor],
-            dtype, what: str) -> dict:
+def convert(
+  table: Mapping[Path, Rule], targets: Mapping[Path, tuple], sources: Mapping[str, SourceTensor], dtype, what: str
+) -> dict:
   """Check, then build the nested parameter dict (numpy, ``dtype``) one tensor at a time."""
   check_table(table, targets, {k: s.shape for k, s in sources.items()}, what)
   nested: dict = {}
@@ -126,7 +134,7 @@ def convert(table: Mapping[Path, Rule], targets: Mapping[Path, tuple], sources: 
 
 def prefixed(sources: Mapping[str, SourceTensor], prefix: str) -> dict[str, SourceTensor]:
   """The sources under ``prefix``, with the prefix stripped."""
-  return {k[len(prefix):]: v for k, v in sources.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in sources.items() if k.startswith(prefix)}
 
 
 def keys_under(keys: Iterable[str], prefix: str) -> list[str]:

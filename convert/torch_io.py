@@ -41,8 +41,9 @@ def load_torch_file(path: str | os.PathLike) -> Mapping:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
   except pickle.UnpicklingError as e:
     raise UnsafeCheckpointError(
-        f"refused to load {path}: it is not a plain tensor checkpoint (torch's weights_only loader "
-        f"rejected it, nothing in it was run): {str(e).splitlines()[0]}") from e
+      f"refused to load {path}: it is not a plain tensor checkpoint (torch's weights_only loader "
+      f"rejected it, nothing in it was run): {str(e).splitlines()[0]}"
+    ) from e
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, SourceTensor]:
@@ -52,9 +53,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, SourceTensor]:
   out = {}
   for k in f.keys():
     sl = f.get_slice(k)
-    out[k] = SourceTensor(tuple(sl.get_shape()), (lambda k=k: np.asarray(f.get_tensor(k), np.float32)),
-                          str(sl.get_dtype()).lower().replace("f16", "float16").replace("bf16", "bfloat16")
-                          .replace("f32", "float32"))
+    out[k] = SourceTensor(
+      tuple(sl.get_shape()),
+      (lambda k=k: np.asarray(f.get_tensor(k), np.float32)),
+      str(sl.get_dtype()).lower().replace("f16", "float16").replace("bf16", "bfloat16").replace("f32", "float32"),
+    )
   return out
 
 
@@ -64,7 +67,7 @@ def unwrap_state_dict(obj: Mapping) -> dict:
     raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
   if "module" in obj and isinstance(obj["module"], Mapping):
     sd = obj["module"]
-    return {(k[len(DEEPSPEED_PREFIX):] if k.startswith(DEEPSPEED_PREFIX) else k): v for k, v in sd.items()}
+    return {(k[len(DEEPSPEED_PREFIX) :] if k.startswith(DEEPSPEED_PREFIX) else k): v for k, v in sd.items()}
   if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
     return dict(obj["state_dict"])
   return dict(obj)
@@ -77,8 +80,9 @@ def torch_sources(sd: Mapping) -> dict[str, SourceTensor]:
   for k, v in sd.items():
     if not isinstance(v, torch.Tensor):
       raise ValueError(f"checkpoint entry {k!r} is a {type(v).__name__}, not a tensor")
-    out[k] = SourceTensor(tuple(v.shape), (lambda v=v: v.detach().to(torch.float32).numpy()),
-                          str(v.dtype).removeprefix("torch."))
+    out[k] = SourceTensor(
+      tuple(v.shape), (lambda v=v: v.detach().to(torch.float32).numpy()), str(v.dtype).removeprefix("torch.")
+    )
   return out
 
 

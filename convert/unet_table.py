@@ -14,8 +14,14 @@ import re
 from convert.common import Path, Rule
 from vinf_jax.config import UNetConfig
 
-_RES = {"in_norm": "in_layers.0", "in_conv": "in_layers.2", "emb_proj": "emb_layers.1", "out_norm": "out_layers.0",
-        "out_conv": "out_layers.3", "skip_connection": "skip_connection"}
+_RES = {
+  "in_norm": "in_layers.0",
+  "in_conv": "in_layers.2",
+  "emb_proj": "emb_layers.1",
+  "out_norm": "out_layers.0",
+  "out_conv": "out_layers.3",
+  "skip_connection": "skip_connection",
+}
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _TOP = {"time_embed": "time_embed", "fps_embedding": "fps_embedding", "out_norm": "out.0", "out_conv": "out.2"}
 _MLP = {"linear_1": "0", "linear_2": "2"}
@@ -71,14 +77,20 @@ def transform_for(path: Path, ndim: int, original: bool) -> str:
   return "linear"
 
 
-_DIFF_RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_DIFF_RES = {
+  "in_layers.0": "norm1",
+  "in_layers.2": "conv1",
+  "emb_layers.1": "time_emb_proj",
+  "out_layers.0": "norm2",
+  "out_layers.3": "conv2",
+  "skip_connection": "conv_shortcut",
+}
 
 
 def _res_rename(sub: str) -> str:
   for a, b in _DIFF_RES.items():
     if sub.startswith(a + "."):
-      return b + sub[len(a):]
+      return b + sub[len(a) :]
   raise KeyError(sub)
 
 
@@ -92,7 +104,7 @@ def diffusers_key(key: str, cfg: UNetConfig) -> str:
   if key.startswith("input_blocks.0.0."):
     return "conv_in." + key.split(".")[-1]
   if key.startswith("init_attn.0."):
-    return "transformer_in." + key[len("init_attn.0."):]
+    return "transformer_in." + key[len("init_attn.0.") :]
   if key.startswith("out.0."):
     return "conv_norm_out." + key.split(".")[-1]
   if key.startswith("out.2."):
@@ -101,7 +113,7 @@ def diffusers_key(key: str, cfg: UNetConfig) -> str:
   def layer(prefix: str, j: int, idx: int, sub: str, layers_before_upsample: int | None) -> str:
     if idx == 0:
       if sub.startswith("temopral_conv."):
-        return f"{prefix}.temp_convs.{j}.{sub[len('temopral_conv.'):]}"
+        return f"{prefix}.temp_convs.{j}.{sub[len('temopral_conv.') :]}"
       return f"{prefix}.resnets.{j}.{_res_rename(sub)}"
     if sub.startswith("conv.") and layers_before_upsample is not None and idx == layers_before_upsample:
       return f"{prefix}.upsamplers.0.{sub}"
@@ -135,5 +147,7 @@ def original_table(targets: dict[Path, tuple]) -> dict[Path, Rule]:
 
 
 def diffusers_table(targets: dict[Path, tuple], cfg: UNetConfig) -> dict[Path, Rule]:
-  return {p: Rule(diffusers_key(original_key(p), cfg), transform_for(p, len(s[0]), original=False))
-          for p, s in targets.items()}
+  return {
+    p: Rule(diffusers_key(original_key(p), cfg), transform_for(p, len(s[0]), original=False))
+    for p, s in targets.items()
+  }

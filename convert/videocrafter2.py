@@ -43,21 +43,44 @@ TEXT_PREFIX = "cond_stage_model."
 FORMAT_VERSION = 1
 
 _FLAGS = {
-    "ckpt": flags.DEFINE_string("ckpt", None, "Original LatentDiffusion checkpoint (model.ckpt): "
-                                "{'state_dict': ...}, {'module': ...} (DeepSpeed) or a bare state dict."),
-    "diffusers_unet": flags.DEFINE_string("diffusers_unet", None, "diffusers-format UNet weights "
-                                          "(.safetensors or .bin), keys as UNet3DConditionModel + fps_embedding."),
-    "diffusers_vae": flags.DEFINE_string("diffusers_vae", None, "diffusers AutoencoderKL weights (with --diffusers_unet)."),
-    "clip_text_model": flags.DEFINE_string("clip_text_model", None, "transformers CLIPTextModel weights "
-                                           "(with --diffusers_unet; 23 layers as in the zeroscope repos)."),
-    "tokenizer": flags.DEFINE_string("tokenizer", None, "open_clip's bpe_simple_vocab_16e6.txt.gz, or a directory "
-                                     "with vocab.json + merges.txt. Default: the installed open_clip package's file."),
-    "out": flags.DEFINE_string("out", None, "Output directory (must not exist)."),
-    "model": flags.DEFINE_enum("model", "videocrafter2", ["videocrafter2", "tiny"], "Model preset to convert into."),
-    "dtype": flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                               "dtype the weights are stored in (every tensor is cast, whatever it was stored as)."),
-    "check_manifest": flags.DEFINE_string("check_manifest", None, "Only map a key/shape manifest JSON "
-                                          "(shared/reference/videocrafter2_state_dict.json) onto the abstract model."),
+  "ckpt": flags.DEFINE_string(
+    "ckpt",
+    None,
+    "Original LatentDiffusion checkpoint (model.ckpt): "
+    "{'state_dict': ...}, {'module': ...} (DeepSpeed) or a bare state dict.",
+  ),
+  "diffusers_unet": flags.DEFINE_string(
+    "diffusers_unet",
+    None,
+    "diffusers-format UNet weights (.safetensors or .bin), keys as UNet3DConditionModel + fps_embedding.",
+  ),
+  "diffusers_vae": flags.DEFINE_string(
+    "diffusers_vae", None, "diffusers AutoencoderKL weights (with --diffusers_unet)."
+  ),
+  "clip_text_model": flags.DEFINE_string(
+    "clip_text_model",
+    None,
+    "transformers CLIPTextModel weights (with --diffusers_unet; 23 layers as in the zeroscope repos).",
+  ),
+  "tokenizer": flags.DEFINE_string(
+    "tokenizer",
+    None,
+    "open_clip's bpe_simple_vocab_16e6.txt.gz, or a directory "
+    "with vocab.json + merges.txt. Default: the installed open_clip package's file.",
+  ),
+  "out": flags.DEFINE_string("out", None, "Output directory (must not exist)."),
+  "model": flags.DEFINE_enum("model", "videocrafter2", ["videocrafter2", "tiny"], "Model preset to convert into."),
+  "dtype": flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16", "float16"],
+    "dtype the weights are stored in (every tensor is cast, whatever it was stored as).",
+  ),
+  "check_manifest": flags.DEFINE_string(
+    "check_manifest",
+    None,
+    "Only map a key/shape manifest JSON (shared/reference/videocrafter2_state_dict.json) onto the abstract model.",
+  ),
 }
 
 
@@ -78,9 +101,9 @@ def split_original(sd: Mapping[str, SourceTensor]) -> dict[str, dict[str, Source
   buffers = set(sampling.schedule())
   for k, v in sd.items():
     if k.startswith(UNET_PREFIX):
-      parts["unet"][k[len(UNET_PREFIX):]] = v
+      parts["unet"][k[len(UNET_PREFIX) :]] = v
     elif k.startswith(VAE_PREFIX):
-      parts["vae"][k[len(VAE_PREFIX):]] = v
+      parts["vae"][k[len(VAE_PREFIX) :]] = v
     elif k.startswith(TEXT_PREFIX):
       parts["text"][k] = v
     elif k in buffers:
@@ -88,8 +111,9 @@ def split_original(sd: Mapping[str, SourceTensor]) -> dict[str, dict[str, Source
     else:
       unknown.append(k)
   if unknown:
-    raise ConversionError(common._listing("unexpected keys outside the UNet, VAE, text encoder and schedule",
-                                          sorted(unknown)))
+    raise ConversionError(
+      common._listing("unexpected keys outside the UNet, VAE, text encoder and schedule", sorted(unknown))
+    )
   return parts
 
 
@@ -116,9 +140,11 @@ def tokenizer_files(spec: str | None, out_dir: str) -> None:
   """Write vocab.json + merges.txt into ``out_dir`` from a bpe .gz, a directory, or open_clip."""
   spec = spec or tokenizer.open_clip_bpe_path()
   if spec is None:
-    raise ConversionError("no tokenizer files: pass --tokenizer (open_clip's bpe_simple_vocab_16e6.txt.gz, "
-                          "or a directory with vocab.json and merges.txt), or `pip install --no-deps "
-                          "open_clip_torch` so that its file is found")
+    raise ConversionError(
+      "no tokenizer files: pass --tokenizer (open_clip's bpe_simple_vocab_16e6.txt.gz, "
+      "or a directory with vocab.json and merges.txt), or `pip install --no-deps "
+      "open_clip_torch` so that its file is found"
+    )
   os.makedirs(out_dir)
   if os.path.isdir(spec):
     for name in ("vocab.json", "merges.txt"):
@@ -138,8 +164,17 @@ def _save(tmp: str, name: str, params: dict) -> None:
   print(f"  {name}: saved in {time.perf_counter() - t0:.1f}s")
 
 
-def run(*, out: str, cfg: ModelConfig, dtype: str, ckpt: str | None = None, diffusers_unet: str | None = None,
-        diffusers_vae: str | None = None, clip_text_model: str | None = None, tokenizer_spec: str | None = None) -> None:
+def run(
+  *,
+  out: str,
+  cfg: ModelConfig,
+  dtype: str,
+  ckpt: str | None = None,
+  diffusers_unet: str | None = None,
+  diffusers_vae: str | None = None,
+  clip_text_model: str | None = None,
+  tokenizer_spec: str | None = None,
+) -> None:
   """Convert and write ``out`` atomically (library entry point of the CLI; raises on any mismatch)."""
   if (ckpt is None) == (diffusers_unet is None):
     raise ValueError("give exactly one of --ckpt and --diffusers_unet")
@@ -181,8 +216,13 @@ def run(*, out: str, cfg: ModelConfig, dtype: str, ckpt: str | None = None, diff
         components.append("text_encoder")
     tokenizer_files(tokenizer_spec, os.path.join(tmp, "tokenizer"))
     components.append("tokenizer")
-    meta = {"format_version": FORMAT_VERSION, "model": json.loads(cfg.to_json()), "components": components,
-            "stored_dtype": dtype, "source": os.path.basename(ckpt or diffusers_unet)}
+    meta = {
+      "format_version": FORMAT_VERSION,
+      "model": json.loads(cfg.to_json()),
+      "components": components,
+      "stored_dtype": dtype,
+      "source": os.path.basename(ckpt or diffusers_unet),
+    }
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(meta, f, indent=1)
     os.rename(tmp, out)
@@ -195,8 +235,12 @@ def run(*, out: str, cfg: ModelConfig, dtype: str, ckpt: str | None = None, diff
 def _weights_file(path: str) -> str:
   """A file, or a diffusers/transformers folder holding one of the usual weight file names."""
   if os.path.isdir(path):
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
-                 "pytorch_model.bin"):
+    for name in (
+      "diffusion_pytorch_model.safetensors",
+      "model.safetensors",
+      "diffusion_pytorch_model.bin",
+      "pytorch_model.bin",
+    ):
       if os.path.isfile(os.path.join(path, name)):
         return os.path.join(path, name)
     raise FileNotFoundError(f"{path} holds no diffusion_pytorch_model/model .safetensors or .bin")
@@ -208,7 +252,7 @@ def check_manifest(path: str) -> int:
   manifest = json.loads(open(path).read())
   shapes = {k: tuple(v) for k, v in manifest["tensors"].items()}
   cfg = preset("videocrafter2")
-  unet = {k[len(UNET_PREFIX):]: s for k, s in shapes.items() if k.startswith(UNET_PREFIX)}
+  unet = {k[len(UNET_PREFIX) :]: s for k, s in shapes.items() if k.startswith(UNET_PREFIX)}
   targets = common.target_shapes(unet3d.abstract(cfg.unet))
   common.check_table(unet_table.original_table(targets), targets, unet, "UNet")
   print(f"unet ({UNET_PREFIX}*): {len(unet)} tensors onto {len(targets)} parameters")
@@ -241,8 +285,16 @@ def main(argv):
       return 0
     if not f["out"]:
       raise ValueError("--out is required")
-    run(out=f["out"], cfg=preset(f["model"]), dtype=f["dtype"], ckpt=f["ckpt"], diffusers_unet=f["diffusers_unet"],
-        diffusers_vae=f["diffusers_vae"], clip_text_model=f["clip_text_model"], tokenizer_spec=f["tokenizer"])
+    run(
+      out=f["out"],
+      cfg=preset(f["model"]),
+      dtype=f["dtype"],
+      ckpt=f["ckpt"],
+      diffusers_unet=f["diffusers_unet"],
+      diffusers_vae=f["diffusers_vae"],
+      clip_text_model=f["clip_text_model"],
+      tokenizer_spec=f["tokenizer"],
+    )
   except (ConversionError, UnsafeCheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -34,9 +34,16 @@ class ReferenceUNet(torch.nn.Module):
     super().__init__()
     chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
     self.unet = UNet3DConditionModel(
-        sample_size=None, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=chans,
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-        attention_head_dim=cfg.num_head_channels, norm_num_groups=cfg.num_groups, norm_eps=1e-5)
+      sample_size=None,
+      in_channels=cfg.in_channels,
+      out_channels=cfg.out_channels,
+      block_out_channels=chans,
+      layers_per_block=cfg.num_res_blocks,
+      cross_attention_dim=cfg.context_dim,
+      attention_head_dim=cfg.num_head_channels,
+      norm_num_groups=cfg.num_groups,
+      norm_eps=1e-5,
+    )
     self.fps_proj = Timesteps(cfg.model_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
     self.unet.fps_embedding = TimestepEmbedding(cfg.model_channels, cfg.time_embed_dim)
     randomize_(self.unet, seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pickle
 import subprocess
 import sys
 
@@ -57,9 +56,13 @@ def test_three_layouts_convert_and_restore_to_the_same_outputs(tmp_path, state_d
   # the same weights converted in memory, without orbax in between
   targets = common.target_shapes(unet3d.abstract(TINY.unet))
   pre = "model.diffusion_model."
-  params = common.convert(unet_table.original_table(targets), targets,
-                          torch_sources({k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)}),
-                          np.float32, "unet")
+  params = common.convert(
+    unet_table.original_table(targets),
+    targets,
+    torch_sources({k[len(pre) :]: v for k, v in state_dict.items() if k.startswith(pre)}),
+    np.float32,
+    "unet",
+  )
   got = checkpoint.param_tree(restored)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, params)
   if layout != "state_dict":
@@ -131,8 +134,12 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
   assert not os.path.exists(_Evil.marker)
   assert _leftovers(tmp_path) == []
   # and through the command line: non-zero exit, the message, no output
-  r = subprocess.run([sys.executable, "-m", "convert.videocrafter2", f"--ckpt={src}", f"--out={tmp_path / 'o2'}",
-                      "--model=tiny"], capture_output=True, text=True, cwd=ROOT)
+  r = subprocess.run(
+    [sys.executable, "-m", "convert.videocrafter2", f"--ckpt={src}", f"--out={tmp_path / 'o2'}", "--model=tiny"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   assert r.returncode == 1 and "refused" in r.stderr, r.stderr
   assert not os.path.exists(_Evil.marker) and _leftovers(tmp_path) == []
 
@@ -144,8 +151,12 @@ def test_existing_output_is_not_overwritten(tmp_path, state_dict):
 
 
 def test_check_manifest_cli():
-  r = subprocess.run([sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={MANIFEST}"],
-                     capture_output=True, text=True, cwd=ROOT)
+  r = subprocess.run(
+    [sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={MANIFEST}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
   assert lines[-1] == "mapped 2039/2039 tensors", r.stdout
@@ -159,6 +170,7 @@ def test_check_manifest_rejects_a_bad_manifest(tmp_path):
   m["tensors"]["model.diffusion_model.out.2.weight"] = [4, 320, 3, 1]
   bad = tmp_path / "m.json"
   bad.write_text(json.dumps(m))
-  r = subprocess.run([sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={bad}"],
-                     capture_output=True, text=True, cwd=ROOT)
+  r = subprocess.run(
+    [sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={bad}"], capture_output=True, text=True, cwd=ROOT
+  )
   assert r.returncode == 1 and "out.2.weight" in r.stderr, r.stderr

@@ -63,8 +63,8 @@ def models(reference):
   cfg = TINY.unet
   sd = reference.state_dict_for_conversion()
   return {
-      "diffusers": _load(cfg, lambda tg: unet_table.diffusers_table(tg, cfg), sd),
-      "original": _load(cfg, unet_table.original_table, _original_layout(sd, cfg)),
+    "diffusers": _load(cfg, lambda tg: unet_table.diffusers_table(tg, cfg), sd),
+    "original": _load(cfg, unet_table.original_table, _original_layout(sd, cfg)),
   }
 
 
@@ -90,7 +90,10 @@ def test_fps_embedding_changes_output(models):
   x = rng.standard_normal((2, 1, 16, 16, 4), dtype=np.float32)
   ctx = rng.standard_normal((2, 77, TINY.unet.context_dim), dtype=np.float32)
   m = models["original"]
-  a, b = _eps(m, x, np.array([500, 500]), ctx, np.array([8, 8])), _eps(m, x, np.array([500, 500]), ctx, np.array([28, 28]))
+  a, b = (
+    _eps(m, x, np.array([500, 500]), ctx, np.array([8, 8])),
+    _eps(m, x, np.array([500, 500]), ctx, np.array([28, 28])),
+  )
   assert rel_err(a, b) > 1e-3
 
 
@@ -110,7 +113,7 @@ def test_tables_match_reference_manifest_and_diffusers_map(full_size):
   targets = common.target_shapes(full_size)
   manifest = json.loads((SHARED / "videocrafter2_state_dict.json").read_text())["tensors"]
   pre = "model.diffusion_model."
-  sources = {k[len(pre):]: tuple(v) for k, v in manifest.items() if k.startswith(pre)}
+  sources = {k[len(pre) :]: tuple(v) for k, v in manifest.items() if k.startswith(pre)}
   assert len(sources) == 1484
   common.check_table(unet_table.original_table(targets), targets, sources, "unet")  # raises on any mismatch
   ref = json.loads((SHARED / "vc2_to_diffusers_unet_map.json").read_text())

@@ -43,8 +43,9 @@ def param_tree(model: nnx.Module) -> dict:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def load_params(path: str | os.PathLike, *, make_abstract: Callable[[], nnx.Module],
-                sharding: jax.sharding.Sharding | None = None) -> nnx.Module:
+def load_params(
+  path: str | os.PathLike, *, make_abstract: Callable[[], nnx.Module], sharding: jax.sharding.Sharding | None = None
+) -> nnx.Module:
   """Restore a component saved by :func:`save_params` into a model built by ``make_abstract``.
 
   Args:
@@ -67,8 +68,9 @@ def load_params(path: str | os.PathLike, *, make_abstract: Callable[[], nnx.Modu
   try:
     restored = ckptr.restore(path, target)
   except (ValueError, KeyError) as e:
-    raise ValueError(f"the weights at {path} do not fit the model of this config "
-                     f"(stored: {_summary(stored_tree)}): {e}") from e
+    raise ValueError(
+      f"the weights at {path} do not fit the model of this config (stored: {_summary(stored_tree)}): {e}"
+    ) from e
   nnx.replace_by_pure_dict(state, _like_keys(restored, ref))
   return nnx.merge(graphdef, state)
 
@@ -94,8 +96,10 @@ def read_model_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("unet", 
   path = os.fspath(path)
   cfg_file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(cfg_file):
-    raise FileNotFoundError(f"{path} is not a converted model directory (no {CONFIG_FILE}); "
-                            "convert weights with `python -m convert.videocrafter2 --ckpt model.ckpt --out DIR`")
+    raise FileNotFoundError(
+      f"{path} is not a converted model directory (no {CONFIG_FILE}); "
+      "convert weights with `python -m convert.videocrafter2 --ckpt model.ckpt --out DIR`"
+    )
   with open(cfg_file) as f:
     meta = json.load(f)
   cfg = ModelConfig.from_dict(meta["model"])

@@ -80,12 +80,21 @@ class UNetConfig:
     for lvl, m in enumerate(self.channel_mult):
       c = self.model_channels * m
       _check(e, c % self.num_groups == 0, f"channels {c} of level {lvl} not divisible by num_groups={self.num_groups}")
-      _check(e, c % self.num_head_channels == 0,
-             f"channels {c} of level {lvl} not divisible by num_head_channels={self.num_head_channels}")
-    _check(e, all(0 <= a < len(self.channel_mult) for a in self.attention_levels),
-           f"attention_levels={self.attention_levels} must index channel_mult (0..{len(self.channel_mult) - 1})")
-    _check(e, self.attention_impl in ("auto", "xla", "cudnn"),
-           f"attention_impl={self.attention_impl!r}, expected 'auto', 'xla' or 'cudnn'")
+      _check(
+        e,
+        c % self.num_head_channels == 0,
+        f"channels {c} of level {lvl} not divisible by num_head_channels={self.num_head_channels}",
+      )
+    _check(
+      e,
+      all(0 <= a < len(self.channel_mult) for a in self.attention_levels),
+      f"attention_levels={self.attention_levels} must index channel_mult (0..{len(self.channel_mult) - 1})",
+    )
+    _check(
+      e,
+      self.attention_impl in ("auto", "xla", "cudnn"),
+      f"attention_impl={self.attention_impl!r}, expected 'auto', 'xla' or 'cudnn'",
+    )
     for f in ("dtype", "param_dtype"):
       try:
         to_dtype(getattr(self, f))
@@ -182,14 +191,22 @@ class ModelConfig:
         raise ValueError(f"unknown {klass.__name__} fields {sorted(unknown)}")
       return klass(**kw)
 
-    return cls(name=d["name"], unet=build(UNetConfig, d["unet"]), vae=build(VAEConfig, d["vae"]),
-               text=build(TextConfig, d["text"]))
+    return cls(
+      name=d["name"],
+      unet=build(UNetConfig, d["unet"]),
+      vae=build(VAEConfig, d["vae"]),
+      text=build(TextConfig, d["text"]),
+    )
 
   def with_dtype(self, dtype: str, param_dtype: str | None = None) -> ModelConfig:
     p = param_dtype or dtype
     r = dataclasses.replace
-    return r(self, unet=r(self.unet, dtype=dtype, param_dtype=p), vae=r(self.vae, dtype=dtype, param_dtype=p),
-             text=r(self.text, dtype=dtype, param_dtype=p))
+    return r(
+      self,
+      unet=r(self.unet, dtype=dtype, param_dtype=p),
+      vae=r(self.vae, dtype=dtype, param_dtype=p),
+      text=r(self.text, dtype=dtype, param_dtype=p),
+    )
 
 
 VIDEOCRAFTER2 = ModelConfig(name="videocrafter2", unet=UNetConfig(), vae=VAEConfig(), text=TextConfig())
@@ -197,11 +214,10 @@ VIDEOCRAFTER2 = ModelConfig(name="videocrafter2", unet=UNetConfig(), vae=VAEConf
 # Same topology as VideoCrafter2 (4 levels, attention at the first three, temporal convs, both temporal
 # attentions, init_attn, fps embedding), small enough for CPU tests and the demo.
 TINY = ModelConfig(
-    name="tiny",
-    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_head_channels=8, context_dim=32,
-                    num_groups=32),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, num_groups=32),
-    text=TextConfig(width=32, heads=4, layers=3, layers_used=2),
+  name="tiny",
+  unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_head_channels=8, context_dim=32, num_groups=32),
+  vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, num_groups=32),
+  text=TextConfig(width=32, heads=4, layers=3, layers_used=2),
 )
 
 PRESETS = {"videocrafter2": VIDEOCRAFTER2, "tiny": TINY}

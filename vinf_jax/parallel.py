@@ -63,7 +63,7 @@ class FrameContext:
       empty = jax.lax.slice_in_dim(x, 0, 0, axis=axis)
       return empty, empty
     if self.axis_name is None or self.num_shards == 1:
-      z = jnp.zeros(x.shape[:axis] + (n,) + x.shape[axis + 1:], x.dtype)
+      z = jnp.zeros(x.shape[:axis] + (n,) + x.shape[axis + 1 :], x.dtype)
       return z, z
     if n > t:
       raise ValueError(f"a halo of {n} frames needs at least {n} frames per device, got {t}")
@@ -138,12 +138,16 @@ def check_frames(num_frames: int, num_devices: int, temporal: TemporalConfig) ->
   else:
     t = num_frames // num_devices
     if num_devices > 1 and t < 4:
-      e.append(f"frames per device={t} (frames={num_frames} over {num_devices} devices): the temporal conv "
-               "blocks need a 4-frame halo, so at least 4 frames per device")
+      e.append(
+        f"frames per device={t} (frames={num_frames} over {num_devices} devices): the temporal conv "
+        "blocks need a 4-frame halo, so at least 4 frames per device"
+      )
     if temporal.attention == "dual":
       if num_devices > 1 and temporal.window > t:
-        e.append(f"window P={temporal.window} is larger than the {t} frames each device holds "
-                 f"(frames={num_frames} over {num_devices} devices)")
+        e.append(
+          f"window P={temporal.window} is larger than the {t} frames each device holds "
+          f"(frames={num_frames} over {num_devices} devices)"
+        )
       if num_frames % temporal.num_global:
         e.append(f"frames={num_frames} is not divisible by num_global G={temporal.num_global}")
   if e:

@@ -33,8 +33,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str =
 class CrossAttention(nnx.Module):
   """``to_q/to_k/to_v`` without bias, ``to_out`` (``to_out.0``) with bias; heads of ``dim_head``."""
 
-  def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, *, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, *, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     inner = heads * dim_head
     kv_dim = query_dim if context_dim is None else context_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -71,8 +72,18 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
   """Pre-LN block: self-attention, attention to ``context`` (or a second self-attention), GEGLU FF."""
 
-  def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, *, self_only: bool,
-               dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    heads: int,
+    dim_head: int,
+    context_dim: int | None,
+    *,
+    self_only: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.self_only = self_only
     self.attn1 = CrossAttention(dim, None, heads, dim_head, **kw)
@@ -82,8 +93,9 @@ class BasicTransformerBlock(nnx.Module):
     self.norm2 = nnx.LayerNorm(dim, epsilon=1e-5, **kw)
     self.norm3 = nnx.LayerNorm(dim, epsilon=1e-5, **kw)
 
-  def __call__(self, x: jax.Array, context: jax.Array | None, self_fn: AttnFn,
-               cross_fn: AttnFn | None = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, context: jax.Array | None, self_fn: AttnFn, cross_fn: AttnFn | None = None
+  ) -> jax.Array:
     x = x + self.attn1(self.norm1(x), None, self_fn)
     x = x + self.attn2(self.norm2(x), None if self.self_only else context, cross_fn or self_fn)
     return x + self.ff(self.norm3(x))
@@ -94,8 +106,7 @@ class BasicTransformerBlock(nnx.Module):
 # tokens of one frame and T the local frames; t: [B] timesteps (for the dual-scope phase bias).
 
 
-def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array,
-                       frames: FrameContext) -> jax.Array:
+def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array, frames: FrameContext) -> jax.Array:
   if frames.temporal.attention == "full":
     return full_temporal_attention(q, k, v, frames)
   return dual_scope_attention(q, k, v, t, frames)
@@ -133,7 +144,7 @@ def dual_scope_attention(q, k, v, t, frames: FrameContext) -> jax.Array:
   b, m, t_loc, h, d = q.shape
   p = cfg.window
   n = frames.total_frames(t_loc)
-  scale = d ** -0.5
+  scale = d**-0.5
   f32 = jnp.float32
 
   kl, kr = frames.halo(k, p, axis=2)
@@ -169,7 +180,7 @@ def dual_scope_attention(q, k, v, t, frames: FrameContext) -> jax.Array:
   logits_g = logits_g + global_bias
 
   probs = jax.nn.softmax(jnp.concatenate([logits_l, logits_g], axis=-1), axis=-1)
-  pl, pg = probs[..., : qb_len + 2 * p].astype(v.dtype), probs[..., qb_len + 2 * p:].astype(v.dtype)
+  pl, pg = probs[..., : qb_len + 2 * p].astype(v.dtype), probs[..., qb_len + 2 * p :].astype(v.dtype)
   o = jnp.einsum("bmnhqk,bmnkhd->bmnqhd", pl, vw, preferred_element_type=f32)
   o = o + jnp.einsum("bmnhqg,bmghd->bmnqhd", pg, vg, preferred_element_type=f32)
   return o.reshape(b, m, t_loc, h, d).astype(v.dtype)

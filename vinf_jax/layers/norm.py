@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def group_stats(x: jax.Array, groups: int, axes: Sequence[int],
-                sum_fn: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+def group_stats(
+  x: jax.Array, groups: int, axes: Sequence[int], sum_fn: Callable[[jax.Array], jax.Array] | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Two-pass mean and (biased) variance per group, pooled over ``axes`` and the group's channels.
 
   Args:
@@ -43,8 +44,16 @@ def group_stats(x: jax.Array, groups: int, axes: Sequence[int],
 class GroupNorm(nnx.Module):
   """GroupNorm whose statistics may come from a slice of the input and be summed over devices."""
 
-  def __init__(self, num_features: int, num_groups: int, epsilon: float, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    num_features: int,
+    num_groups: int,
+    epsilon: float,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     del rngs
     self.num_groups = num_groups
     self.epsilon = epsilon
@@ -52,8 +61,14 @@ class GroupNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
     self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
 
-  def __call__(self, x: jax.Array, *, axes: Sequence[int], stats_from: jax.Array | None = None,
-               sum_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    axes: Sequence[int],
+    stats_from: jax.Array | None = None,
+    sum_fn: Callable[[jax.Array], jax.Array] | None = None,
+  ) -> jax.Array:
     """Normalise ``x`` ([..., C]) with statistics pooled over ``axes`` of ``stats_from`` (default x)."""
     mean, var = group_stats(x if stats_from is None else stats_from, self.num_groups, axes, sum_fn)
     c = x.shape[-1]

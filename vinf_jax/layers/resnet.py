@@ -37,10 +37,12 @@ class TemporalConv(nnx.Module):
     """x: [B, T, H, W, C] -> [B, T + 2*padding - 2, H, W, C] (zero padding along T)."""
     b, t, h, w, c = x.shape
     y = jax.lax.conv_general_dilated(
-        x.reshape(b, t, h * w, c).astype(self.dtype),  # frames as "height", pixels as "width"
-        self.kernel[...][:, None].astype(self.dtype),  # [3, 1, C, C] HWIO
-        window_strides=(1, 1), padding=((padding, padding), (0, 0)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x.reshape(b, t, h * w, c).astype(self.dtype),  # frames as "height", pixels as "width"
+      self.kernel[...][:, None].astype(self.dtype),  # [3, 1, C, C] HWIO
+      window_strides=(1, 1),
+      padding=((padding, padding), (0, 0)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     y = y + self.bias[...].astype(self.dtype)
     return y.reshape(b, y.shape[1], h, w, c)
 
@@ -82,7 +84,7 @@ class TemporalConvBlock(nnx.Module):
       # included), zero padding inside the window, crop the halo.
       for s in stages:
         h = s.conv(jax.nn.silu(s.norm(h, axes=(1, 2, 3))), padding=1)
-      return x + h[:, halo:halo + t]
+      return x + h[:, halo : halo + t]
 
     # Exact: each stage normalises with statistics of the real frames (own frames, summed over
     # devices), zeroes what lies beyond the video's ends (= the zero padding of one device), and
@@ -91,9 +93,9 @@ class TemporalConvBlock(nnx.Module):
     pos = frames.frame_offset(t) + jnp.arange(-halo, t + halo)
     valid = ((pos >= 0) & (pos < n))[None, :, None, None, None]
     for k, s in enumerate(stages):
-      own = h[:, halo - k: halo - k + t]
+      own = h[:, halo - k : halo - k + t]
       a = jax.nn.silu(s.norm(h, axes=(1, 2, 3), stats_from=own, sum_fn=frames.sum_frames))
-      a = a * valid[:, k: k + h.shape[1]].astype(a.dtype)
+      a = a * valid[:, k : k + h.shape[1]].astype(a.dtype)
       h = s.conv(a, padding=0)
     return x + h
 
@@ -101,8 +103,7 @@ class TemporalConvBlock(nnx.Module):
 class ResBlock(nnx.Module):
   """VideoCrafter2 ResBlock: in_layers, emb_layers, out_layers, skip, then the temporal conv block."""
 
-  def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.in_norm = GroupNorm(in_ch, groups, 1e-5, dtype=dtype, param_dtype=param_dtype)  # in_layers.0
     self.in_conv = nnx.Conv(in_ch, out_ch, (3, 3), padding=((1, 1), (1, 1)), **kw)  # in_layers.2
@@ -125,8 +126,9 @@ class Downsample(nnx.Module):
   """3x3 stride-2 conv with symmetric padding 1 (``.op``)."""
 
   def __init__(self, ch: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.op = nnx.Conv(ch, ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+    self.op = nnx.Conv(
+      ch, ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return conv2d(self.op, x)
@@ -136,8 +138,7 @@ class Upsample(nnx.Module):
   """Nearest x2 on H and W, then a 3x3 conv (``.conv``)."""
 
   def __init__(self, ch: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(ch, ch, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+    self.conv = nnx.Conv(ch, ch, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)

@@ -13,15 +13,27 @@ from vinf_jax.parallel import FrameContext
 class SpatialTransformer(nnx.Module):
   """GroupNorm (eps 1e-6, per frame) -> Linear proj_in -> block -> Linear proj_out -> residual."""
 
-  def __init__(self, ch: int, heads: int, dim_head: int, context_dim: int, groups: int, *, dtype,
-               param_dtype, rngs: nnx.Rngs, attention_impl: str = "xla"):
+  def __init__(
+    self,
+    ch: int,
+    heads: int,
+    dim_head: int,
+    context_dim: int,
+    groups: int,
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    attention_impl: str = "xla",
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * dim_head
     self.impl = attention_impl
     self.norm = GroupNorm(ch, groups, 1e-6, dtype=dtype, param_dtype=param_dtype)
     self.proj_in = nnx.Linear(ch, inner, **kw)
     self.transformer_blocks = nnx.List(
-        [BasicTransformerBlock(inner, heads, dim_head, context_dim, self_only=False, **kw)])
+      [BasicTransformerBlock(inner, heads, dim_head, context_dim, self_only=False, **kw)]
+    )
     self.proj_out = nnx.Linear(inner, ch, **kw)
 
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -55,14 +67,12 @@ class TemporalTransformer(nnx.Module):
   from its channels; its Conv1d projections are stored as Linear.
   """
 
-  def __init__(self, ch: int, heads: int, dim_head: int, groups: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, ch: int, heads: int, dim_head: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * dim_head
     self.norm = GroupNorm(ch, groups, 1e-6, dtype=dtype, param_dtype=param_dtype)
     self.proj_in = nnx.Linear(ch, inner, **kw)
-    self.transformer_blocks = nnx.List(
-        [BasicTransformerBlock(inner, heads, dim_head, None, self_only=True, **kw)])
+    self.transformer_blocks = nnx.List([BasicTransformerBlock(inner, heads, dim_head, None, self_only=True, **kw)])
     self.proj_out = nnx.Linear(inner, ch, **kw)
 
   def __call__(self, x: jax.Array, t: jax.Array, frames: FrameContext) -> jax.Array:

@@ -79,8 +79,15 @@ class UNet3D(nnx.Module):
     self.out_norm = GroupNorm(ch, g, 1e-5, dtype=dtype, param_dtype=pdt)  # out.0
     self.out_conv = nnx.Conv(ch, cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), **kw)  # out.2
 
-  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, fps: jax.Array | None = None, *,
-               frames: FrameContext = FrameContext()) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    context: jax.Array,
+    fps: jax.Array | None = None,
+    *,
+    frames: FrameContext = FrameContext(),
+  ) -> jax.Array:
     """Predict the noise.
 
     Args:
@@ -142,5 +149,4 @@ def abstract(cfg: UNetConfig) -> UNet3D:
 
 
 def param_count(model: nnx.Module) -> int:
-  return sum(int(jnp.size(v)) if hasattr(v, "size") else 0
-             for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return sum(int(jnp.size(v)) if hasattr(v, "size") else 0 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
