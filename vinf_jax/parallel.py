@@ -160,3 +160,128 @@ def lcm_frames(num_devices: int, temporal: TemporalConfig) -> int:
   if temporal.attention == "dual":
     step = step * temporal.num_global // math.gcd(step, temporal.num_global)
   return step
+
+
+# ------------------------------------------------------------------------------------------------
+# Mesh, shardings and the one-program denoising step.
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+  """A 1-D ``frames`` mesh: every device of every process by default, or the first K local devices."""
+  if num_devices is None:
+    devices = jax.devices()
+  else:
+    local = jax.local_devices()
+    if not 1 <= num_devices <= len(local):
+      raise ValueError(f"num_devices={num_devices}, but this process has {len(local)} local devices")
+    devices = local[:num_devices]
+  return jax.sharding.Mesh(np.asarray(devices), (FRAMES,))
+
+
+def frames_spec() -> jax.sharding.PartitionSpec:
+  """Latents [B, N, H, W, C] (and per-frame contexts [B, N, S, C]) are split along N."""
+  return jax.sharding.PartitionSpec(None, FRAMES)
+
+
+def frame_context(mesh: jax.sharding.Mesh, temporal: TemporalConfig) -> FrameContext:
+  d = mesh.shape[FRAMES]
+  # One device needs no collectives: the same math, and the fast paths of the temporal layers.
+  return FrameContext(temporal, FRAMES, d) if d > 1 else FrameContext(temporal)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """The jitted programs of one sampling run on a mesh (see :func:`make_denoiser`).
+
+  Attributes:
+    init: ``(seed) -> SamplerState``: x_T drawn per global frame on the devices that hold it.
+    step: ``(params, state, ctx_cond, ctx_uncond, fps, seed) -> SamplerState``: both guidance
+      branches of the UNet and the sampler update for every frame, one XLA program; ``state`` is
+      donated, so the latents stay where they are.
+    params: the UNet's state, replicated over the mesh.
+    num_steps: steps of the plan.
+  """
+
+  init: object
+  step: object
+  params: object
+  num_steps: int
+
+
+def make_denoiser(
+  model,
+  plan,
+  temporal: TemporalConfig,
+  mesh: jax.sharding.Mesh,
+  *,
+  latent_shape: tuple[int, int, int, int, int],
+  context_per_frame: bool = False,
+) -> Denoiser:
+  """Build the clip-parallel sampling programs for ``model`` (a UNet3D) on ``mesh``.
+
+  Args:
+    model: the UNet (weights are replicated onto the mesh here).
+    plan: a :class:`vinf_jax.sampling.SamplerPlan`.
+    temporal: the temporal options (validated with the frame count before anything compiles).
+    mesh: a 1-D mesh over ``frames`` (:func:`make_mesh`).
+    latent_shape: ``(B, N, h, w, c)`` of the whole video's latent.
+    context_per_frame: contexts are ``[B, N, S, C]`` (one text per frame, split with the frames)
+      instead of ``[B, S, C]`` (replicated).
+  """
+  from flax import nnx
+
+  from vinf_jax import sampling
+
+  b, n, h, w, c = latent_shape
+  d = mesh.shape[FRAMES]
+  temporal.validate()
+  check_frames(n, d, temporal)
+  t_loc = n // d
+  frames = frame_context(mesh, temporal)
+  graphdef, params = nnx.split(model)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.device_put(params, rep)
+  P = jax.sharding.PartitionSpec
+  state_spec = sampling.SamplerState(x=frames_spec(), x0=frames_spec(), i=P())
+  ctx_spec = frames_spec() if context_per_frame else P()
+
+  def frame_index():
+    r = jax.lax.axis_index(FRAMES) if d > 1 else 0
+    return r * t_loc + jnp.arange(t_loc, dtype=jnp.int32)  # global video index of the local frames
+
+  def init_body(seed):
+    x = sampling.batch_initial_noise(seed, frame_index(), (h, w, c), b)  # x: [B, T, h, w, c]
+    return sampling.init(plan, x)
+
+  def step_body(params, state, ctx_c, ctx_u, fps, seed):
+    # state.x: [B, T, h, w, c] local frames; ctx: [B, S, C] or [B, T, S, C]; fps: [B]
+    unet = nnx.merge(graphdef, params)
+    t = sampling.timestep(plan, state.i)
+    x2 = jnp.concatenate([state.x, state.x], axis=0)  # [2B, T, ...]: (uncond, cond)
+    eps = unet(x2, t, jnp.concatenate([ctx_u, ctx_c], axis=0), jnp.concatenate([fps, fps]), frames=frames)
+    noise = None
+    if plan.stochastic:
+      noise = sampling.batch_frame_noise(seed, state.i, frame_index(), (h, w, c), b)
+    return sampling.step(plan, state, eps[:b], eps[b:], noise)
+
+  init = jax.jit(jax.shard_map(init_body, mesh=mesh, in_specs=P(), out_specs=state_spec, check_vma=False))
+  step = jax.jit(
+    jax.shard_map(
+      step_body,
+      mesh=mesh,
+      in_specs=(P(), state_spec, ctx_spec, ctx_spec, P(), P()),
+      out_specs=state_spec,
+      check_vma=False,
+    ),
+    donate_argnums=(1,),
+  )
+  return Denoiser(init=init, step=step, params=params, num_steps=sampling.num_steps(plan))
+
+
+def gather_to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -168,6 +168,12 @@ class SamplerConfig:
     max_steps = {"ddim": NUM_TRAIN_TIMESTEPS // 2}.get(self.name, NUM_TRAIN_TIMESTEPS - 1)
     if not (isinstance(self.steps, int | np.integer) and 1 <= self.steps <= max_steps):
       e.append(f"steps={self.steps!r}, expected an integer in 1..{max_steps} for {self.name!r}")
+    elif self.name == "ddim" and (top := int(ddim_timesteps(int(self.steps), bool(self.ddim_exact_steps)).max())) > 999:
+      # e.g. S=3: arange(0, 1000, 333) + 1 ends at 1000, past the schedule (VideoCrafter2 fails too)
+      e.append(
+        f"steps={self.steps} gives the DDIM timestep {top} > 999 with uniform spacing "
+        "arange(0, 1000, 1000 // steps) + 1; choose another step count"
+      )
     if not (np.isfinite(self.guidance) and self.guidance >= 0):
       e.append(f"guidance={self.guidance!r}, expected a finite value >= 0")
     if not (np.isfinite(self.eta) and self.eta >= 0):
