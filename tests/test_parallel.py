@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from vinf_jax import parallel, sampling
 from vinf_jax.config import TINY, TemporalConfig
 from vinf_jax.layers.attention import dual_scope_attention
+from vinf_jax.layers.resnet import TemporalConvBlock
 from vinf_jax.models import unet3d
 
 # float32; sharded and dense differ only in summation order (psum of partial sums, blocked softmax)
@@ -20,13 +24,6 @@ RTOL = 1e-5
 
 def rel_err(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
-
-
-def sharded(fn, d, n_in, axis=2):
-  """Run ``fn(*arrays, frames)`` under shard_map on d devices, arrays split along ``axis``."""
-  mesh = parallel.make_mesh(d)
-  spec = P(*([None] * axis + [parallel.FRAMES]))
-  return mesh, spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,10 +123,14 @@ def run_video(model, sampler, d, temporal, n=32, seed=7):
   )
   rng = np.random.default_rng(0)
   ctx_c, ctx_u = (rng.standard_normal((1, 77, TINY.unet.context_dim), dtype=np.float32) for _ in range(2))
-  den = parallel.make_denoiser(model, plan, temporal, parallel.make_mesh(d), latent_shape=(1, n, 8, 8, 4))
-  state = den.init(jnp.int32(seed))
+  mesh = parallel.make_mesh(d)  # d=None: every device of every process
+  den = parallel.make_denoiser(model, plan, temporal, mesh, latent_shape=(1, n, 8, 8, 4))
+  ctx_c, ctx_u, fps, seed_ = (
+    parallel.replicate(a, mesh) for a in (ctx_c, ctx_u, np.array([24], np.int32), np.int32(seed))
+  )
+  state = den.init(seed_)
   for _ in range(3):  # 3 steps of each sampler
-    state = den.step(den.params, state, ctx_c, ctx_u, jnp.array([24], jnp.int32), jnp.int32(seed))
+    state = den.step(den.params, state, ctx_c, ctx_u, fps, seed_)
   return parallel.gather_to_host(state.x)
 
 
@@ -142,3 +143,130 @@ def test_device_count_invariance(tiny_unet, sampler):
     err = rel_err(run_video(tiny_unet, sampler, d, temporal), ref)
     print(f"{sampler}: {d} devices vs 1: rel err {err:.2e}")
     assert err <= RTOL, (d, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official semantics: per-device statistics and zero sinks, restated the way the official plugin
+# computes them (method notes, section 2), one rank at a time.
+
+
+def _official_conv_rank(x, r, f, stages):
+  """ConvLayerPlugin on rank r: 4-frame halos (zeros at the ends), window statistics, crop."""
+  n = x.shape[1]
+  zeros = np.zeros_like(x[:, :4])
+  left = x[:, r * f - 4 : r * f] if r > 0 else zeros
+  right = x[:, (r + 1) * f : (r + 1) * f + 4] if (r + 1) * f < n else zeros
+  h = np.concatenate([left, x[:, r * f : (r + 1) * f], right], 1)  # [B, F+8, H, W, C]
+  for scale, bias, kernel, kbias in stages:
+    b, t, hh, ww, c = h.shape
+    g = h.reshape(b, t, hh, ww, 32, c // 32)
+    mu = g.mean(axis=(1, 2, 3, 5), keepdims=True)
+    var = g.var(axis=(1, 2, 3, 5), keepdims=True)
+    a = ((g - mu) / np.sqrt(var + 1e-5)).reshape(h.shape) * scale + bias
+    a = a / (1 + np.exp(-a))
+    ap = np.concatenate([np.zeros_like(a[:, :1]), a, np.zeros_like(a[:, :1])], 1)
+    h = sum(np.einsum("bthwc,cd->bthwd", ap[:, j : j + t], kernel[j]) for j in range(3)) + kbias
+  return x[:, r * f : (r + 1) * f] + h[:, 4 : 4 + f]
+
+
+def test_official_temporal_conv_semantics_on_two_devices():
+  rng = np.random.default_rng(0)
+  block = TemporalConvBlock(64, 32, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  stages = []
+  for s in (block.conv1, block.conv2, block.conv3, block.conv4):
+    s.norm.scale[...] = 1 + 0.2 * rng.standard_normal(64).astype(np.float32)
+    s.norm.bias[...] = 0.2 * rng.standard_normal(64).astype(np.float32)
+    s.conv.bias[...] = 0.1 * rng.standard_normal(64).astype(np.float32)
+    stages.append(
+      tuple(np.asarray(a) for a in (s.norm.scale[...], s.norm.bias[...], s.conv.kernel[...], s.conv.bias[...]))
+    )
+  x = rng.standard_normal((2, 16, 3, 2, 64), dtype=np.float32)
+  want = np.concatenate([_official_conv_rank(x, r, 8, stages) for r in range(2)], 1)
+  mesh = parallel.make_mesh(2)
+  frames = parallel.frame_context(mesh, TemporalConfig(group_norm="local"))
+  spec = P(None, parallel.FRAMES)
+  f = jax.jit(jax.shard_map(lambda x: block(x, frames), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+  assert rel_err(f(x), want) <= RTOL
+  # and 'global' statistics differ from it (the official code does not synchronise GroupNorm)
+  exact = parallel.frame_context(mesh, TemporalConfig(group_norm="global"))
+  g = jax.jit(jax.shard_map(lambda x: block(x, exact), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+  assert rel_err(g(x), want) > 1e-3
+
+
+def _official_attention_rank(q, k, v, r, world, f, p, top_k, t, phase_t=800.0, bias=10.0):
+  """AttentionPlugin on rank r (method notes, section 2 pseudo-code)."""
+  share = top_k // world
+  stride = max(f // share, 1)
+  idx = np.arange(0, f, stride)
+  kg = np.concatenate([k[:, :, rr * f + idx] for rr in range(world)], 2)[:, :, :top_k]
+  vg = np.concatenate([v[:, :, rr * f + idx] for rr in range(world)], 2)[:, :, :top_k]
+  zeros = np.zeros_like(k[:, :, :p])
+  n = k.shape[2]
+
+  def pad(a):
+    left = a[:, :, r * f - p : r * f] if r > 0 else zeros
+    right = a[:, :, (r + 1) * f : (r + 1) * f + p] if (r + 1) * f < n else zeros
+    return np.concatenate([left, a[:, :, r * f : (r + 1) * f], right], 2)
+
+  keys, vals = np.concatenate([pad(k), kg], 2), np.concatenate([pad(v), vg], 2)
+  g = kg.shape[2]
+  mask = np.ones((f, f + 2 * p + g))
+  for i in range(f):
+    mask[i, 0:i] = -np.inf
+    mask[i, i + 2 * p + 1 : f + 2 * p] = -np.inf
+  if t < phase_t:
+    mask[:, : f + 2 * p] += bias
+  else:
+    mask[:, f + 2 * p :] += bias
+  qr = q[:, :, r * f : (r + 1) * f]
+  logits = np.einsum("bmqhd,bmkhd->bmhqk", qr, keys) / np.sqrt(q.shape[-1]) + mask
+  pr = np.exp(logits - logits.max(-1, keepdims=True))
+  pr /= pr.sum(-1, keepdims=True)
+  return np.einsum("bmhqk,bmkhd->bmqhd", pr, vals)
+
+
+@pytest.mark.parametrize("t", [900.0, 300.0])
+def test_official_attention_semantics_on_two_devices(t):
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.standard_normal((1, 3, 32, 2, 8), dtype=np.float32) for _ in range(3))
+  want = np.concatenate([_official_attention_rank(q, k, v, r, 2, 16, 8, 16, t) for r in range(2)], 2)
+  cfg = TemporalConfig(attention="dual", window=8, num_global=16, group_norm="local", video_ends="zeros")
+  mesh = parallel.make_mesh(2)
+  frames = parallel.frame_context(mesh, cfg)
+  spec = P(None, None, parallel.FRAMES)
+  f = jax.jit(
+    jax.shard_map(
+      lambda q, k, v: dual_scope_attention(q, k, v, jnp.array([t]), frames),
+      mesh=mesh,
+      in_specs=(spec, spec, spec),
+      out_specs=spec,
+      check_vma=False,
+    )
+  )
+  assert rel_err(f(q, k, v), want) <= RTOL
+
+
+def test_multi_host_equals_one_process(tmp_path):
+  """2 local processes x 4 CPU devices (jax.distributed on localhost, gloo) == 1 process x 8 devices."""
+  import socket
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+  def worker(nproc, pid, port, local, out):
+    cmd = [sys.executable, "-m", "tests._multihost_worker", str(nproc), str(pid), str(port), str(local), str(out)]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [worker(2, i, port, 4, tmp_path / "multi.npy") for i in range(2)]
+  single = worker(1, 0, 0, 8, tmp_path / "single.npy")
+  for p in [*procs, single]:
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+  multi, one = np.load(tmp_path / "multi.npy"), np.load(tmp_path / "single.npy")
+  assert multi.shape == one.shape == (1, 32, 8, 8, 4)
+  assert rel_err(multi, one) <= RTOL

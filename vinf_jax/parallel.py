@@ -239,8 +239,7 @@ def make_denoiser(
   t_loc = n // d
   frames = frame_context(mesh, temporal)
   graphdef, params = nnx.split(model)
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = jax.device_put(params, rep)
+  params = jax.tree.map(lambda a: replicate(np.asarray(a), mesh), params)
   P = jax.sharding.PartitionSpec
   state_spec = sampling.SamplerState(x=frames_spec(), x0=frames_spec(), i=P())
   ctx_spec = frames_spec() if context_per_frame else P()
@@ -285,3 +284,9 @@ def gather_to_host(x: jax.Array) -> np.ndarray:
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def replicate(x, mesh: jax.sharding.Mesh) -> jax.Array:
+  """A host value (the same on every process) as an array replicated over the mesh."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx])
