@@ -174,3 +174,24 @@ def test_check_manifest_rejects_a_bad_manifest(tmp_path):
     [sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={bad}"], capture_output=True, text=True, cwd=ROOT
   )
   assert r.returncode == 1 and "out.2.weight" in r.stderr, r.stderr
+
+
+def test_diffusers_unet_file_converts_to_the_same_weights(tmp_path):
+  """--diffusers_unet with a safetensors file: the same parameters as the original-key path."""
+  from safetensors.torch import save_file
+
+  from tests._unet_reference import ReferenceUNet
+
+  ref = ReferenceUNet(TINY.unet, seed=5)
+  sd = ref.state_dict_for_conversion()
+  save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+  out = tmp_path / "out"
+  videocrafter2.run(out=str(out), cfg=TINY, dtype="float32", diffusers_unet=str(tmp_path))
+  cfg, components = checkpoint.read_model_dir(out, need=("unet", "tokenizer"))
+  assert components == ["unet", "tokenizer"]
+  with pytest.raises(FileNotFoundError, match="incomplete"):
+    checkpoint.read_model_dir(out)
+  restored = checkpoint.load_params(out / "unet", make_abstract=lambda: unet3d.abstract(TINY.unet))
+  targets = common.target_shapes(unet3d.abstract(TINY.unet))
+  want = common.convert(unet_table.diffusers_table(targets, TINY.unet), targets, torch_sources(sd), np.float32, "u")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), checkpoint.param_tree(restored), want)
