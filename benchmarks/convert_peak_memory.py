@@ -30,14 +30,18 @@ def main(workdir: str) -> None:
     shapes = json.loads(MANIFEST.read_text())["tensors"]
     sched = sampling.schedule()
     g = torch.Generator().manual_seed(0)
-    sd = {k: (torch.from_numpy(np.asarray(sched[k], np.float32)) if k in sched else torch.randn(v, generator=g) * 0.02)
-          for k, v in shapes.items()}
+    sd = {
+      k: (torch.from_numpy(np.asarray(sched[k], np.float32)) if k in sched else torch.randn(v, generator=g) * 0.02)
+      for k, v in shapes.items()
+    }
     torch.save({"state_dict": sd}, ckpt)
     del sd
   out = os.path.join(workdir, "converted")
   t0 = time.time()
-  r = subprocess.run([sys.executable, "-m", "convert.videocrafter2", f"--ckpt={ckpt}", f"--out={out}"],
-                     cwd=pathlib.Path(__file__).resolve().parents[1])
+  r = subprocess.run(
+    [sys.executable, "-m", "convert.videocrafter2", f"--ckpt={ckpt}", f"--out={out}"],
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+  )
   peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
   print(f"exit {r.returncode}; converter wall {time.time() - t0:.0f} s; peak RSS {peak:.2f} GiB")
 
