@@ -300,7 +300,12 @@ class AutoencoderKL(nnx.Module):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
 def _decode_chunks(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, chunk: int) -> jax.Array:
-  vae = nnx.merge(graphdef, state)
+  return decode_in_chunks(nnx.merge(graphdef, state), latents, chunk)
+
+
+def decode_in_chunks(vae: AutoencoderKL, latents: jax.Array, chunk: int) -> jax.Array:
+  """The traceable body of :func:`decode_chunked` (for use inside ``jit`` / ``shard_map``)."""
+  chunk = min(chunk, latents.shape[1])
   b, t = latents.shape[:2]
   n = -(-t // chunk)
   # Frames are independent (per-frame GroupNorm and attention), so zero frames padding the last chunk

@@ -1,0 +1,39 @@
+"""Every flagfile in configs/ starts with the command that runs it, parses, and passes validation.
+
+The flagfiles that need converted weights are validated with random weights of the same model (their
+``--weights`` directory does not exist here); every other setting is checked as written, on 1, 2, 4 and
+8 devices where the frame count allows.
+"""
+
+import glob
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.flags")))
+
+
+def test_the_four_flagfiles_exist():
+  names = {os.path.basename(f) for f in FLAGFILES}
+  assert {"demo_tiny.flags", "videocrafter2_16.flags", "long_video.flags", "multi_prompt.flags"} <= names
+
+
+@pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
+def test_flagfile_parses_and_validates(path):
+  import dataclasses
+
+  from vinf_jax import pipeline, sample
+
+  rel = os.path.relpath(path, ROOT)
+  first = open(path).readline().strip()
+  assert first == f"# python -m vinf_jax.sample --flagfile {rel}", first
+  sample.parse_flags(["sample", f"--flagfile={path}"])
+  cfg = sample.config_from_flags()
+  assert cfg.prompts, "a flagfile names its prompts"
+  if cfg.weights:  # not converted here: same settings, random weights of the model
+    assert cfg.weights == "weights/videocrafter2"
+    cfg = dataclasses.replace(cfg, weights="", model="videocrafter2")
+  for d in (1, 2, 4, 8) if cfg.num_devices == 0 else (cfg.num_devices,):
+    if cfg.frames % d == 0 and cfg.frames // d >= max(4, cfg.window if cfg.attention == "dual" else 0):
+      pipeline.validate(dataclasses.replace(cfg, num_devices=d, output=""))

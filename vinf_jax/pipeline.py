@@ -1,0 +1,768 @@
+"""Text -> long video: the library behind ``python -m vinf_jax.sample`` and the Colab notebook.
+
+One call, :func:`generate`, runs the whole job from a frozen :class:`GenerationConfig`:
+
+1. :func:`validate` checks every setting (sizes, frames against the device count, sampler, paths, the
+   weights directory, a resume directory) before anything is loaded or compiled;
+2. the weights are loaded (or, for the demo and benchmarks, random ones built), the prompts tokenised and
+   encoded once, and each frame's text embedding laid out (prompt segments with linear transitions);
+3. x_T is drawn per global frame on the device that holds the frame; the clip-parallel guided step
+   (:func:`vinf_jax.parallel.make_denoiser`: one XLA program, both CFG branches) runs once per sampling
+   step with a progress line (compile time reported apart), optionally saving resumable state;
+4. the VAE decodes each device's frames in chunks on that device; the frames are gathered and process
+   0 writes the video, its JSON sidecar and optionally the latents, each under a temporary name that is
+   renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vinf_jax import checkpoint, parallel, sampling, video_io
+from vinf_jax.config import PRESETS, ModelConfig, TemporalConfig, preset
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STATE_META = "run.json"
+STATE_PREFIX = "step_"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """Everything one video depends on. Field names are the ``vinf_jax.sample`` flag names.
+
+  Attributes:
+    prompts: the prompts; prompt i covers the i-th equal segment of the video.
+    output: the video path: ``.mp4``, ``.gif``, or a directory (no suffix) of PNG frames. Empty: no file
+      (library use; the frames are returned).
+    weights: a directory written by ``python -m convert.videocrafter2``; empty: random weights of ``model``.
+    model: preset for random weights ('tiny', 'videocrafter2'); with ``weights`` it must match the
+      directory's model when given.
+    weights_seed: seed of the random weights.
+    negative_prompt: the unconditional text of classifier-free guidance (VideoCrafter2: empty).
+    frames: frames of the whole video.
+    height, width: video size in pixels (multiples of the VAE x UNet downsampling, 64).
+    fps: the frame rate the UNet is conditioned on (VideoCrafter2: 28 for its 16 frames; Video-Infinity 24).
+    seed: noise seed; the video depends only on it and the settings, not on the device count.
+    sampler: 'dpmpp_sde' or 'ddim'. steps, guidance, eta, ddim_exact_steps: see SamplerConfig.
+    attention, window, num_global, global_phase_from, local_phase_below, global_bias, local_bias,
+      video_ends, group_norm, query_block: see TemporalConfig.
+    dtype: 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16' or 'float16'.
+    num_devices: 0 = every device of every process; K = the first K local devices (one process).
+    frame_chunk: frames per chunk of the UNet's per-frame layers (0 = all local frames at once).
+    decode_chunk: frames each device decodes at a time.
+    export_fps: frame rate of the written video.
+    prompt_transition: frames over which the text embedding blends into the next prompt (0 = cut).
+    save_latents: also write the final latents to this ``.npy`` path.
+    save_state_every: save resumable state to ``state_dir`` every N steps (0 = never).
+    state_dir: where resumable state goes.
+    resume: continue from the state saved in this directory.
+    stop_after: run at most this many steps in this invocation, save state and stop (0 = run to the end).
+    compilation_cache_dir: JAX's persistent compilation cache (empty = off).
+  """
+
+  prompts: tuple[str, ...] = ()
+  output: str = ""
+  weights: str = ""
+  model: str = ""
+  weights_seed: int = 0
+  negative_prompt: str = ""
+  frames: int = 16
+  height: int = 320
+  width: int = 512
+  fps: int = 24
+  seed: int = 0
+  sampler: str = "dpmpp_sde"
+  steps: int = 30
+  guidance: float = 12.0
+  eta: float = 1.0
+  ddim_exact_steps: bool = False
+  attention: str = "dual"
+  window: int = 8
+  num_global: int = 16
+  global_phase_from: float = 800.0
+  local_phase_below: float = 800.0
+  global_bias: float = 10.0
+  local_bias: float = 10.0
+  video_ends: str = "zeros"
+  group_norm: str = "global"
+  query_block: int = 0
+  dtype: str = "auto"
+  num_devices: int = 0
+  frame_chunk: int = 0
+  decode_chunk: int = 4
+  export_fps: float = 8.0
+  prompt_transition: int = 0
+  save_latents: str = ""
+  save_state_every: int = 0
+  state_dir: str = ""
+  resume: str = ""
+  stop_after: int = 0
+  compilation_cache_dir: str = ""
+
+  def sampler_config(self) -> sampling.SamplerConfig:
+    return sampling.SamplerConfig(
+      name=self.sampler, steps=self.steps, guidance=self.guidance, eta=self.eta, ddim_exact_steps=self.ddim_exact_steps
+    )
+
+  def temporal_config(self) -> TemporalConfig:
+    names = [f.name for f in dataclasses.fields(TemporalConfig)]
+    return TemporalConfig(**{n: getattr(self, n) for n in names})
+
+  def resolved_dtype(self) -> str:
+    if self.dtype != "auto":
+      return self.dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """What :func:`generate` returns (on every process; ``frames`` only where they were gathered).
+
+  Attributes:
+    frames: uint8 ``[frames, height, width, 3]``, or None when the run stopped early (``stop_after``).
+    latents: float32 ``[1, frames, height/8, width/8, 4]``, the final latents as the UNet sees them
+      (``scale_factor * z``), or None when the run stopped early.
+    output: the written video's path, or None.
+    sidecar: the JSON sidecar's content.
+    steps_done: sampling steps completed (of ``num_steps``).
+    num_steps: sampling steps of the plan.
+  """
+
+  frames: np.ndarray | None
+  latents: np.ndarray | None
+  output: str | None
+  sidecar: dict
+  steps_done: int
+  num_steps: int
+
+
+def _log0(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: everything that can be checked before loading weights or compiling.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What validation resolved: the model config, the device count, where weights come from."""
+
+  model: ModelConfig
+  num_devices: int
+  dtype: str
+  tokenizer_dir: str | None
+
+
+def validate(cfg: GenerationConfig) -> _Plan:
+  """Raise ValueError listing every bad setting (name, value, what is allowed); return what was resolved."""
+  e: list[str] = []
+  model = _check_model(cfg, e)
+
+  if not cfg.prompts:
+    e.append("prompts: none given; pass at least one --prompt (or --prompts_file)")
+  for i, p in enumerate(cfg.prompts):
+    if not isinstance(p, str) or not p.strip():
+      e.append(f"prompt {i + 1} of {len(cfg.prompts)} is empty ({p!r}); every prompt needs text")
+  if not isinstance(cfg.negative_prompt, str):
+    e.append(f"negative_prompt={cfg.negative_prompt!r}, expected a string")
+
+  if not (isinstance(cfg.frames, int) and cfg.frames >= 1):
+    e.append(f"frames={cfg.frames!r}, expected an integer >= 1")
+  if model is not None:
+    f = model.vae.downsample_factor * model.unet.downsample_factor
+    for name in ("height", "width"):
+      v = getattr(cfg, name)
+      if not (isinstance(v, int) and v > 0 and v % f == 0):
+        e.append(
+          f"{name}={v!r} is not a positive multiple of {f} (the VAE downsamples by "
+          f"{model.vae.downsample_factor} and the UNet by {model.unet.downsample_factor} more); "
+          f"e.g. {max(f, round(v / f) * f) if isinstance(v, int | float) else 320}"
+        )
+  if not (isinstance(cfg.fps, int) and cfg.fps >= 1):
+    e.append(f"fps={cfg.fps!r}, expected an integer >= 1 (the frame rate the UNet is conditioned on)")
+  if not (np.isfinite(cfg.export_fps) and cfg.export_fps > 0):
+    e.append(f"export_fps={cfg.export_fps!r}, expected > 0")
+
+  # sampler: report with the flag names
+  if cfg.sampler not in sampling.SAMPLERS:
+    e.append(f"sampler={cfg.sampler!r}, expected one of {', '.join(sampling.SAMPLERS)}")
+  else:
+    try:
+      cfg.sampler_config().validate()
+    except ValueError as err:
+      e += [ln.strip()[2:] for ln in str(err).splitlines()[1:]]
+  temporal = cfg.temporal_config()
+  try:
+    temporal.validate()
+  except ValueError as err:
+    e += [ln.strip()[2:] for ln in str(err).splitlines()[1:]]
+    temporal = None
+
+  if cfg.dtype not in DTYPES:
+    e.append(f"dtype={cfg.dtype!r}, expected one of {', '.join(DTYPES)}")
+  num_devices = _check_devices(cfg, e)
+  if temporal is not None and num_devices and isinstance(cfg.frames, int) and cfg.frames >= 1:
+    try:
+      parallel.check_frames(cfg.frames, num_devices, temporal)
+    except ValueError as err:
+      e += [ln.strip()[2:] for ln in str(err).splitlines()[1:]] + [_frames_hint(cfg.frames, num_devices, temporal)]
+
+  for name in ("frame_chunk", "save_state_every", "stop_after", "prompt_transition", "weights_seed"):
+    v = getattr(cfg, name)
+    if not (isinstance(v, int) and v >= 0):
+      e.append(f"{name}={v!r}, expected an integer >= 0")
+  if not (isinstance(cfg.decode_chunk, int) and cfg.decode_chunk >= 1):
+    e.append(f"decode_chunk={cfg.decode_chunk!r}, expected an integer >= 1")
+  if cfg.prompts and isinstance(cfg.frames, int) and cfg.frames >= 1:
+    seg = cfg.frames / len(cfg.prompts)
+    if seg < 1:
+      e.append(f"{len(cfg.prompts)} prompts for frames={cfg.frames}: at most one prompt per frame")
+    elif isinstance(cfg.prompt_transition, int) and len(cfg.prompts) > 1 and cfg.prompt_transition > seg:
+      e.append(
+        f"prompt_transition={cfg.prompt_transition} is longer than a prompt's segment ({seg:g} frames = "
+        f"frames {cfg.frames} / {len(cfg.prompts)} prompts); expected 0..{math.floor(seg)}"
+      )
+
+  _check_paths(cfg, e)
+  if e:
+    raise ValueError("invalid settings:\n  - " + "\n  - ".join(e))
+  tok = os.path.join(cfg.weights, "tokenizer") if cfg.weights else None
+  return _Plan(model=model, num_devices=num_devices, dtype=cfg.resolved_dtype(), tokenizer_dir=tok)
+
+
+def _frames_hint(frames: int, num_devices: int, temporal: TemporalConfig) -> str:
+  step = parallel.lcm_frames(num_devices, temporal)
+  ok = []
+  for n in range(step, frames + 64 * step + 1, step):
+    try:
+      parallel.check_frames(n, num_devices, temporal)
+      ok.append(n)
+    except ValueError:
+      continue
+  below = [n for n in ok if n < frames][-1:]
+  above = [n for n in ok if n > frames][:1]
+  near = " or ".join(str(n) for n in below + above) or "none nearby: change the temporal settings"
+  return f"frames that work on {num_devices} device(s) with these temporal settings: {near}"
+
+
+def _check_model(cfg: GenerationConfig, e: list[str]) -> ModelConfig | None:
+  if cfg.model and cfg.model not in PRESETS:
+    e.append(f"model={cfg.model!r}, expected one of {', '.join(sorted(PRESETS))}")
+    return None
+  if not cfg.weights:
+    if not cfg.model:
+      e.append("weights: no converted weights directory given (--weights), and no --model preset for random weights")
+      return None
+    return preset(cfg.model)
+  try:
+    model, _ = checkpoint.read_model_dir(cfg.weights)
+  except (FileNotFoundError, ValueError, KeyError) as err:
+    e.append(f"weights={cfg.weights!r}: {err}")
+    return None
+  if cfg.model and model.name != cfg.model:
+    e.append(f"weights={cfg.weights!r} hold the model {model.name!r}, but model={cfg.model!r}")
+  return model
+
+
+def _check_devices(cfg: GenerationConfig, e: list[str]) -> int:
+  if not (isinstance(cfg.num_devices, int) and cfg.num_devices >= 0):
+    e.append(f"num_devices={cfg.num_devices!r}, expected an integer >= 0 (0 = all devices)")
+    return 0
+  if cfg.num_devices == 0:
+    return jax.device_count()
+  if jax.process_count() > 1:
+    e.append(f"num_devices={cfg.num_devices}: with {jax.process_count()} processes every device is used; pass 0")
+    return 0
+  if cfg.num_devices > jax.local_device_count():
+    e.append(f"num_devices={cfg.num_devices}, but this machine has {jax.local_device_count()} devices")
+    return 0
+  return cfg.num_devices
+
+
+def _check_paths(cfg: GenerationConfig, e: list[str]) -> None:
+  if cfg.output:
+    try:
+      kind = video_io.output_kind(cfg.output)
+      video_io.check_writable(cfg.output, "output", directory=kind == "png")
+      video_io.check_writable(video_io.sidecar_path(cfg.output), "output (its JSON sidecar)")
+    except ValueError as err:
+      e.append(str(err))
+  if cfg.save_latents:
+    if not cfg.save_latents.endswith(".npy"):
+      e.append(f"save_latents={cfg.save_latents!r}, expected a path ending in .npy")
+    else:
+      try:
+        video_io.check_writable(cfg.save_latents, "save_latents")
+      except ValueError as err:
+        e.append(str(err))
+  state_dir = cfg.state_dir or cfg.resume
+  if (cfg.save_state_every or cfg.stop_after) and not state_dir:
+    e.append("save_state_every / stop_after need state_dir (or resume) to save the state in")
+  if cfg.state_dir:
+    if os.path.exists(cfg.state_dir) and not os.path.isdir(cfg.state_dir):
+      e.append(f"state_dir={cfg.state_dir!r} exists and is not a directory")
+    elif not os.path.exists(cfg.state_dir):
+      try:
+        video_io.check_writable(cfg.state_dir, "state_dir", directory=True)
+      except ValueError as err:
+        e.append(str(err))
+    elif _latest_state(cfg.state_dir) and os.path.abspath(cfg.state_dir) != os.path.abspath(cfg.resume or "//"):
+      e.append(
+        f"state_dir={cfg.state_dir!r} already holds saved state: pass resume={cfg.state_dir!r} to continue it, "
+        "or choose an empty directory"
+      )
+  if cfg.resume:
+    if not os.path.isdir(cfg.resume) or not os.path.isfile(os.path.join(cfg.resume, STATE_META)):
+      e.append(f"resume={cfg.resume!r} is not a state directory (no {STATE_META}); expected one written by --state_dir")
+    elif _latest_state(cfg.resume) is None:
+      e.append(f"resume={cfg.resume!r} holds no completed state checkpoint")
+    else:
+      with open(os.path.join(cfg.resume, STATE_META)) as f:
+        saved = json.load(f)["fingerprint"]
+      now = json.loads(json.dumps(_fingerprint(cfg)))
+      diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+      if diff:
+        e.append(
+          f"resume={cfg.resume!r} was saved by a run with other settings: "
+          + "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts over frames
+
+
+def prompt_weights(num_prompts: int, frames: int, transition: int = 0) -> np.ndarray:
+  """``[frames, num_prompts]`` float32 weights of each prompt's embedding in each frame's text.
+
+  Prompt i covers frames ``[i*N/P, (i+1)*N/P)`` (frame f belongs to prompt ``floor(f * P / N)``), so the
+  segments depend only on the frame count, not on the devices. With ``transition = K > 0`` the weight
+  ramps linearly across each boundary b over the K frames around it: frame f (centre ``f + 0.5``) gives
+  the next prompt ``clip((f + 0.5 - b) / K + 0.5, 0, 1)``. Rows sum to 1; at most two prompts mix.
+  """
+  if num_prompts < 1 or frames < 1:
+    raise ValueError(f"num_prompts={num_prompts} and frames={frames} must be >= 1")
+  c = np.arange(frames, dtype=np.float64) + 0.5
+  bounds = np.arange(1, num_prompts) * frames / num_prompts  # [P-1]
+  if transition > 0:
+    up = np.clip((c[:, None] - bounds[None]) / transition + 0.5, 0.0, 1.0)  # [N, P-1]: past boundary i
+  else:
+    up = (c[:, None] - 0.5 >= bounds[None]).astype(np.float64)  # frame f starts at or past b
+  ones, zeros = np.ones((frames, 1)), np.zeros((frames, 1))
+  cum = np.concatenate([ones, up, zeros], axis=1)  # [N, P+1]: "at or past the start of prompt j"
+  return (cum[:, :-1] - cum[:, 1:]).astype(np.float32)
+
+
+def encode_prompts(text_encoder, tokenize, prompts: list[str]) -> np.ndarray:
+  """``[len(prompts), 77, width]`` float32 penultimate-layer features (one jitted call)."""
+  from flax import nnx
+
+  tokens = np.asarray(tokenize(list(prompts)), np.int32)
+  graphdef, params = nnx.split(text_encoder)
+  fn = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+  return np.asarray(fn(params, tokens), np.float32)
+
+
+def frame_contexts(emb: np.ndarray, weights: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+  """``[1, N, 77, C]`` per-frame text, split over the mesh; each shard is computed where it lives."""
+  n = weights.shape[0]
+  shape = (1, n, *emb.shape[1:])
+  sharding = jax.sharding.NamedSharding(mesh, parallel.frames_spec())
+
+  def shard(idx):
+    w = weights[idx[1]]  # [t, P]: only this shard's frames
+    return np.einsum("tp,psc->tsc", w, emb).astype(np.float32)[None]
+
+  return jax.make_array_from_callback(shape, sharding, shard)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclasses.dataclass
+class Models:
+  """The loaded models, plus the compiled programs of the last settings they ran with (see ``generate``)."""
+
+  config: ModelConfig
+  unet: object
+  vae: object
+  text_encoder: object
+  tokenize: Callable
+  compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
+def load_models(cfg: GenerationConfig, plan: _Plan | None = None, log: Callable[[str], None] = _log0) -> Models:
+  """The UNet and VAE in the run's dtype, the text encoder in float32, and the tokenizer.
+
+  ``plan`` is what :func:`validate` returned for ``cfg`` (validated here when None).
+  """
+  plan = plan or validate(cfg)
+  from vinf_jax import tokenizer as tok_lib
+  from vinf_jax.models import text_encoder, unet3d, vae
+
+  model = plan.model.with_dtype(plan.dtype)
+  text_cfg = dataclasses.replace(model.text, dtype="float32", param_dtype="float32")  # small; keep it exact
+  if not cfg.weights:
+    log(f"random weights of the {model.name!r} model (seed {cfg.weights_seed}): the video is noise-like")
+    return Models(
+      config=model,
+      unet=random_model(unet3d.UNet3D, model.unet, cfg.weights_seed),
+      vae=random_model(vae.AutoencoderKL, model.vae, cfg.weights_seed + 1),
+      text_encoder=random_model(text_encoder.TextEncoder, text_cfg, cfg.weights_seed + 2),
+      tokenize=tok_lib.ByteTokenizer(model.text.context_length),
+    )
+  path = lambda c: os.path.join(cfg.weights, c)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return Models(
+    config=model,
+    unet=checkpoint.load_params(path("unet"), make_abstract=lambda: unet3d.abstract(model.unet), sharding=local),
+    vae=checkpoint.load_params(path("vae"), make_abstract=lambda: vae.abstract(model.vae), sharding=local),
+    text_encoder=checkpoint.load_params(
+      path("text_encoder"), make_abstract=lambda: text_encoder.abstract(text_cfg), sharding=local
+    ),
+    tokenize=tok_lib.load_tokenizer(plan.tokenizer_dir, model.text.context_length),
+  )
+
+
+def random_model(cls, cfg, seed: int):
+  """``cls(cfg)`` with random weights drawn on the host with numpy (demo, benchmarks, tests).
+
+  Flax's initialisers run op by op are slow for a thousand parameters (and a jitted initialiser is slower
+  still to compile on CPU), so the weights are drawn here: kernels ``N(0, 1 / fan_in)`` (fan-in = every
+  axis but the last; the variance of Flax's default LeCun-normal), embeddings ``N(0, 0.02^2)``, the
+  position embedding ``N(0, 0.01^2)``, norm scales 1 and biases 0. Deterministic for a seed.
+  """
+  from flax import nnx
+
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      x = np.ones(a.shape, np.float32)
+    elif name == "bias":
+      x = np.zeros(a.shape, np.float32)
+    else:
+      std = {"embedding": 0.02, "positional_embedding": 0.01}.get(name)
+      std = std or 1.0 / math.sqrt(max(1, math.prod(a.shape[:-1])))
+      x = rng.standard_normal(a.shape, dtype=np.float32) * np.float32(std)
+    return jnp.asarray(x, a.dtype)
+
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+  return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding on the mesh
+
+
+def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int):
+  """``latents [B, N, h, w, c] (split over frames) -> uint8 frames [B, N, H, W, 3]`` decoded where they lie."""
+  from flax import nnx
+
+  from vinf_jax.models import vae as vae_lib
+
+  graphdef, params = nnx.split(vae_model)
+  params = jax.tree.map(lambda a: parallel.replicate(np.asarray(a), mesh), params)
+  P = jax.sharding.PartitionSpec
+
+  def body(params, z):  # z: [B, T, h, w, c] local frames
+    x = vae_lib.decode_in_chunks(nnx.merge(graphdef, params), z, chunk)  # [B, T, H, W, 3] float32
+    return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)  # as video_io.to_uint8
+
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), parallel.frames_spec()), out_specs=parallel.frames_spec()))
+  return params, fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumable state
+
+
+def _fingerprint(cfg: GenerationConfig) -> dict:
+  """The settings a saved state depends on (a resumed run must match them all)."""
+  keep = (
+    "prompts negative_prompt weights model weights_seed frames height width fps seed sampler steps guidance eta "
+    "ddim_exact_steps attention window num_global global_phase_from local_phase_below global_bias local_bias "
+    "video_ends group_norm query_block dtype num_devices prompt_transition"
+  ).split()
+  d = {k: getattr(cfg, k) for k in keep}
+  d["prompts"] = list(d["prompts"])
+  d["weights"] = os.path.abspath(d["weights"]) if d["weights"] else ""
+  d["dtype"] = cfg.resolved_dtype()
+  d["num_devices"] = cfg.num_devices or jax.device_count()
+  return d
+
+
+def _latest_state(state_dir: str) -> str | None:
+  if not os.path.isdir(state_dir):
+    return None
+  # orbax finalises a checkpoint by renaming its temporary directory: only complete ones carry the name.
+  steps = [n for n in os.listdir(state_dir) if n.startswith(STATE_PREFIX) and n[len(STATE_PREFIX) :].isdigit()]
+  return os.path.join(state_dir, max(steps, key=lambda n: int(n[len(STATE_PREFIX) :]))) if steps else None
+
+
+def _save_state(state_dir: str, state: sampling.SamplerState, cfg: GenerationConfig) -> str:
+  import orbax.checkpoint as ocp
+
+  i = int(np.asarray(state.i))
+  path = os.path.abspath(os.path.join(state_dir, f"{STATE_PREFIX}{i:05d}"))
+  if jax.process_index() == 0:
+    os.makedirs(state_dir, exist_ok=True)
+    meta = os.path.join(state_dir, STATE_META)
+    if not os.path.exists(meta):
+      video_io.write_json(meta, {"fingerprint": _fingerprint(cfg)})
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, {"x": state.x, "x0": state.x0, "i": state.i}, force=True)
+  ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    for n in os.listdir(state_dir):
+      old = os.path.join(state_dir, n)
+      if n.startswith(STATE_PREFIX) and old != path:
+        shutil.rmtree(old, ignore_errors=True)
+  return path
+
+
+def _restore_state(state_dir: str, mesh: jax.sharding.Mesh, latent_shape) -> sampling.SamplerState:
+  import orbax.checkpoint as ocp
+
+  path = _latest_state(state_dir)
+  frames = jax.sharding.NamedSharding(mesh, parallel.frames_spec())
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  target = {
+    "x": jax.ShapeDtypeStruct(latent_shape, jnp.float32, sharding=frames),
+    "x0": jax.ShapeDtypeStruct(latent_shape, jnp.float32, sharding=frames),
+    "i": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+  }
+  d = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+  return sampling.SamplerState(x=d["x"], x0=d["x0"], i=d["i"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+def _clock(seconds: float) -> str:
+  s = int(round(seconds))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all()
+
+
+def generate(
+  cfg: GenerationConfig, *, models: Models | None = None, log: Callable[[str], None] = _log0
+) -> GenerationResult:
+  """Make the video of ``cfg``; see the module docstring. Raises ValueError for bad settings before any work.
+
+  Args:
+    cfg: the settings.
+    models: models from :func:`load_models` for these settings, to reuse them across videos (a notebook,
+      tests); loaded here when None.
+    log: where progress lines go (default: printed on process 0).
+  """
+  t_start = time.perf_counter()
+  plan = validate(cfg)
+  if cfg.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  timings: dict[str, float] = {}
+  mesh = parallel.make_mesh(cfg.num_devices or None)
+  d = mesh.shape[parallel.FRAMES]
+  log(
+    f"{cfg.frames} frames at {cfg.height}x{cfg.width} over {d} device(s) "
+    f"({jax.process_count()} process(es), {jax.devices()[0].device_kind}), dtype {plan.dtype}, "
+    f"{cfg.sampler} {cfg.steps} steps, guidance {cfg.guidance:g}, {cfg.attention} attention"
+  )
+
+  t = time.perf_counter()
+  if models is None:
+    models = load_models(cfg, plan, log)
+  elif models.config.with_dtype("float32") != plan.model.with_dtype("float32"):
+    raise ValueError(f"the models passed are of {models.config.name!r}, the settings ask for {plan.model.name!r}")
+  mcfg = models.config
+  timings["load"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  prompts = list(cfg.prompts)
+  emb = encode_prompts(models.text_encoder, models.tokenize, prompts + [cfg.negative_prompt])
+  emb_c, emb_u = emb[:-1], emb[-1:]  # [P, 77, C], [1, 77, C]
+  per_frame = len(prompts) > 1
+  if per_frame:
+    w = prompt_weights(len(prompts), cfg.frames, cfg.prompt_transition)
+    ctx_c = frame_contexts(emb_c, w, mesh)
+    ctx_u = frame_contexts(emb_u, np.ones((cfg.frames, 1), np.float32), mesh)
+  else:
+    ctx_c, ctx_u = parallel.replicate(emb_c, mesh), parallel.replicate(emb_u, mesh)
+  timings["encode"] = time.perf_counter() - t
+
+  f = mcfg.vae.downsample_factor
+  latent_shape = (1, cfg.frames, cfg.height // f, cfg.width // f, mcfg.unet.in_channels)
+  splan = sampling.make_plan(cfg.sampler_config())
+  # Programs are kept on the models for the next video with the same shapes and settings (a notebook
+  # trying prompts and seeds, tests): one entry, so old programs and weight copies do not pile up.
+  key = (
+    cfg.sampler_config(),
+    cfg.temporal_config(),
+    tuple(mesh.devices.flat),
+    latent_shape,
+    per_frame,
+    cfg.frame_chunk,
+  )
+  if models.compiled.get("step_key") != key:
+    models.compiled.pop("step", None)
+    kw = {"frame_chunk": cfg.frame_chunk} if cfg.frame_chunk else {}
+    den = parallel.make_denoiser(
+      models.unet,
+      splan,
+      cfg.temporal_config(),
+      mesh,
+      latent_shape=latent_shape,
+      context_per_frame=per_frame,
+      **kw,
+    )
+    models.compiled.update(step_key=key, step=(den, None))
+  den, step = models.compiled["step"]
+  fps = parallel.replicate(np.array([cfg.fps], np.int32), mesh)
+  seed = parallel.replicate(np.int32(cfg.seed), mesh)
+  num_steps = den.num_steps
+
+  if cfg.resume:
+    state = _restore_state(cfg.resume, mesh, latent_shape)
+    log(f"resumed from {_latest_state(cfg.resume)} at step {int(np.asarray(state.i))}/{num_steps}")
+  else:
+    state = den.init(seed)
+  start = int(np.asarray(state.i))
+  state_dir = cfg.state_dir or cfg.resume
+
+  t = time.perf_counter()
+  if step is None:
+    step = den.step.lower(den.params, state, ctx_c, ctx_u, fps, seed).compile()
+    models.compiled["step"] = (den, step)
+  timings["compile"] = time.perf_counter() - t
+  log(
+    f"compiled the guided step in {timings['compile']:.1f} s "
+    f"(load {timings['load']:.1f} s, text {timings['encode']:.1f} s)"
+  )
+
+  end = num_steps if not cfg.stop_after else min(num_steps, start + cfg.stop_after)
+  t0 = time.perf_counter()
+  for i in range(start, end):
+    ts = int(splan.timesteps[i])
+    state = step(den.params, state, ctx_c, ctx_u, fps, seed)
+    if not bool(_all_finite(state.x)):  # waits for the step; a NaN would only spread from here
+      raise FloatingPointError(
+        f"the latents hold NaN or inf after step {i + 1}/{num_steps} (timestep {ts}); nothing was written. "
+        f"With dtype={plan.dtype}, try dtype=float32 to see whether it is a precision problem."
+      )
+    done, el = i + 1 - start, time.perf_counter() - t0
+    rate = el / done
+    log(
+      f"step {i + 1:3d}/{num_steps}  t={ts:4d}  {rate:6.2f} s/step  "
+      f"{cfg.frames / rate:7.1f} frames/s  elapsed {_clock(el)}  ETA {_clock(rate * (end - i - 1))}"
+    )
+    if state_dir and cfg.save_state_every and (i + 1) % cfg.save_state_every == 0 and i + 1 < num_steps:
+      _save_state(state_dir, state, cfg)
+  timings["denoise"] = time.perf_counter() - t0
+  sidecar = {
+    "prompts": prompts,
+    "negative_prompt": cfg.negative_prompt,
+    "seed": cfg.seed,
+    "settings": dataclasses.asdict(cfg) | {"dtype": plan.dtype, "model": mcfg.name},
+    "model": json.loads(mcfg.to_json()),
+    "devices": {
+      "count": d,
+      "processes": jax.process_count(),
+      "platform": jax.default_backend(),
+      "kind": jax.devices()[0].device_kind,
+    },
+    "versions": _versions(),
+    "timings_s": timings,
+  }
+
+  if end < num_steps:
+    path = _save_state(state_dir, state, cfg)
+    log(f"stopped after step {end}/{num_steps}; state saved in {path}; continue with resume={state_dir!r}")
+    return GenerationResult(None, None, None, sidecar, end, num_steps)
+
+  t = time.perf_counter()
+  key = (tuple(mesh.devices.flat), latent_shape, cfg.decode_chunk)
+  if models.compiled.get("decode_key") != key:
+    models.compiled.pop("decode", None)
+    vae_params, decode = make_decoder(models.vae, mesh, cfg.decode_chunk)
+    models.compiled.update(decode_key=key, decode=(vae_params, decode.lower(vae_params, state.x).compile()))
+  vae_params, decode_c = models.compiled["decode"]
+  timings["decode_compile"] = time.perf_counter() - t
+  t = time.perf_counter()
+  video = decode_c(vae_params, state.x)
+  frames = parallel.gather_to_host(video)[0]  # [N, H, W, 3] uint8
+  latents = parallel.gather_to_host(state.x)
+  timings["decode"] = time.perf_counter() - t
+  log(f"decoded {cfg.frames} frames in {timings['decode']:.1f} s (compile {timings['decode_compile']:.1f} s)")
+
+  t = time.perf_counter()
+  out = None
+  if jax.process_index() == 0:
+    if cfg.save_latents:
+      video_io.write_npy(cfg.save_latents, latents)
+    if cfg.output:
+      out = video_io.write_video(cfg.output, frames, cfg.export_fps)
+  timings["write"] = time.perf_counter() - t
+  timings["total"] = time.perf_counter() - t_start
+  sidecar["output"] = {
+    "path": out,
+    "frames": int(frames.shape[0]),
+    "height": int(frames.shape[1]),
+    "width": int(frames.shape[2]),
+    "export_fps": cfg.export_fps,
+    "latents": os.path.abspath(cfg.save_latents) if cfg.save_latents else None,
+    "latents_layout": "float32 [1, frames, height/8, width/8, 4], scale_factor * z (as the UNet sees them)",
+  }
+  if jax.process_index() == 0 and cfg.output:
+    video_io.write_json(video_io.sidecar_path(cfg.output), sidecar)
+  log(
+    f"wrote {out or '(no output file)'}: {cfg.frames} frames; denoise {timings['denoise']:.1f} s "
+    f"({timings['denoise'] / max(1, end - start):.2f} s/step), compile {timings['compile']:.1f} s, "
+    f"total {timings['total']:.1f} s"
+  )
+  return GenerationResult(frames, latents, out, sidecar, end, num_steps)
+
+
+def _versions() -> dict[str, str]:
+  import flax
+
+  from vinf_jax import __version__
+
+  return {
+    "vinf_jax": __version__,
+    "jax": jax.__version__,
+    "jaxlib": getattr(jax.lib, "__version__", "") or _pkg_version("jaxlib"),
+    "flax": flax.__version__,
+    "numpy": np.__version__,
+    "python": sys.version.split()[0],
+  }
+
+
+def _pkg_version(name: str) -> str:
+  from importlib import metadata
+
+  try:
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return ""

@@ -1,0 +1,211 @@
+r"""Make a long video: ``python -m vinf_jax.sample --flagfile configs/NAME.flags [--flag=value ...]``.
+
+Flags -> a frozen :class:`vinf_jax.pipeline.GenerationConfig` -> :func:`vinf_jax.pipeline.generate`.
+Flags on the command line override the flagfile's; a ``--prompt`` or ``--prompts_file`` on the command
+line replaces the flagfile's prompts instead of adding to them.
+
+Exit status: 0 done; 2 bad settings (nothing was loaded, compiled or written); 1 the run failed (NaN
+latents, out of memory, ...), with nothing written where the video goes.
+
+Several hosts: start the same command on every host with ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` (or ``--distributed`` on Slurm / Open MPI / TPU, or with
+``JAX_COORDINATOR_ADDRESS`` set, where JAX finds the rest itself); process 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from absl import app, flags, logging
+
+from vinf_jax.pipeline import DTYPES, GenerationConfig
+
+_D = GenerationConfig()
+F = flags.FLAGS
+
+# What to make
+flags.DEFINE_multi_string(
+  "prompt", [], "A prompt; repeat it for several prompts over one video (prompt i covers the i-th equal segment)."
+)
+flags.DEFINE_string(
+  "prompts_file", "", "A text file of prompts, one per line ('#' comments and blank lines skipped), after any --prompt."
+)
+flags.DEFINE_string("negative_prompt", _D.negative_prompt, "The unconditional text of classifier-free guidance.")
+flags.DEFINE_integer("frames", _D.frames, "Frames of the whole video (split over the devices).")
+flags.DEFINE_integer("height", _D.height, "Video height in pixels (a multiple of 64).")
+flags.DEFINE_integer("width", _D.width, "Video width in pixels (a multiple of 64).")
+flags.DEFINE_integer("fps", _D.fps, "Frame rate the UNet is conditioned on (VideoCrafter2 28, Video-Infinity 24).")
+flags.DEFINE_integer("seed", _D.seed, "Noise seed; the video does not depend on the device count.")
+flags.DEFINE_integer(
+  "prompt_transition", _D.prompt_transition, "Frames over which each prompt blends into the next (0 = hard cut)."
+)
+# Model
+flags.DEFINE_string(
+  "weights",
+  _D.weights,
+  "Converted weights directory (python -m convert.videocrafter2); empty = random weights of --model.",
+)
+flags.DEFINE_string(
+  "model", _D.model, "Model preset (tiny, videocrafter2): the random-weights model, or a check of --weights."
+)
+flags.DEFINE_integer("weights_seed", _D.weights_seed, "Seed of random weights (without --weights).")
+flags.DEFINE_enum("dtype", _D.dtype, DTYPES, "Compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU.")
+# Sampler
+flags.DEFINE_string("sampler", _D.sampler, "dpmpp_sde (Video-Infinity) or ddim (VideoCrafter2).")
+flags.DEFINE_integer("steps", _D.steps, "Sampling steps (DDIM may run more; see --ddim_exact_steps).")
+flags.DEFINE_float("guidance", _D.guidance, "Classifier-free guidance scale (>= 0).")
+flags.DEFINE_float("eta", _D.eta, "DDIM noise level (0 = deterministic; VideoCrafter2 uses 1).")
+flags.DEFINE_bool(
+  "ddim_exact_steps", _D.ddim_exact_steps, "DDIM: exactly --steps steps instead of VideoCrafter2's spacing."
+)
+# Temporal parallelism
+flags.DEFINE_string(
+  "attention", _D.attention, "Temporal attention: dual (Video-Infinity's dual scope) or full (all frames)."
+)
+flags.DEFINE_integer("window", _D.window, "Dual scope: local half-window P in frames.")
+flags.DEFINE_integer("num_global", _D.num_global, "Dual scope: global frames G (divides --frames).")
+flags.DEFINE_float("global_phase_from", _D.global_phase_from, "Dual scope: timesteps >= this bias the global frames.")
+flags.DEFINE_float("local_phase_below", _D.local_phase_below, "Dual scope: timesteps < this bias the local window.")
+flags.DEFINE_float("global_bias", _D.global_bias, "Dual scope: logit bias on global keys in the global phase.")
+flags.DEFINE_float("local_bias", _D.local_bias, "Dual scope: logit bias on local keys in the local phase.")
+flags.DEFINE_string("video_ends", _D.video_ends, "zeros (official: zero K/V past the video's ends) or mask.")
+flags.DEFINE_string(
+  "group_norm", _D.group_norm, "global (exact statistics, device-count invariant) or local (official)."
+)
+flags.DEFINE_integer("query_block", _D.query_block, "Dual scope: query frames per block (0 = automatic); memory only.")
+# Devices and memory
+flags.DEFINE_integer("num_devices", _D.num_devices, "0 = every device of every process; K = the first K local devices.")
+flags.DEFINE_integer(
+  "frame_chunk",
+  _D.frame_chunk,
+  "Frames per chunk of the UNet's per-frame layers (0 = all at once); lower it when out of memory.",
+)
+flags.DEFINE_integer("decode_chunk", _D.decode_chunk, "Frames each device decodes at a time.")
+flags.DEFINE_string(
+  "compilation_cache_dir", _D.compilation_cache_dir, "JAX persistent compilation cache directory (empty = off)."
+)
+# Outputs
+flags.DEFINE_string("output", "outputs/video.mp4", "Video path: .mp4, .gif, or a directory (no suffix) of PNG frames.")
+flags.DEFINE_float("export_fps", _D.export_fps, "Frame rate of the written video.")
+flags.DEFINE_string(
+  "save_latents", _D.save_latents, "Also write the final latents [1, frames, h/8, w/8, 4] float32 to this .npy."
+)
+# Resume
+flags.DEFINE_integer(
+  "save_state_every", _D.save_state_every, "Save resumable state to --state_dir every N steps (0 = never)."
+)
+flags.DEFINE_string("state_dir", _D.state_dir, "Directory for resumable state.")
+flags.DEFINE_string(
+  "resume", _D.resume, "Continue from the state saved in this directory (same settings and device count)."
+)
+flags.DEFINE_integer("stop_after", _D.stop_after, "Run at most N steps now, save state and stop (0 = to the end).")
+# Several hosts
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for several processes (jax.distributed).")
+flags.DEFINE_integer("num_processes", 1, "Processes in all (with --coordinator_address).")
+flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).")
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "jax.distributed.initialize() with JAX's auto-detection (Slurm, Open MPI, TPU, JAX_COORDINATOR_ADDRESS).",
+)
+
+_PATH_FLAGS = ("output", "weights", "save_latents", "state_dir", "resume", "compilation_cache_dir")
+_PROMPT_FLAGS = ("--prompt", "--prompts_file", "-prompt", "-prompts_file")
+
+
+def _is_prompt_flag(arg: str) -> bool:
+  return any(arg == p or arg.startswith(p + "=") for p in _PROMPT_FLAGS)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, except that prompts given on the command line replace the flagfiles' prompts."""
+  if F.is_parsed():  # a second parse in one process (tests) starts from the defaults
+    F.unparse_flags()
+  own = any(_is_prompt_flag(a) for a in argv[1:])
+  expanded, i = [argv[0]], 1
+  while i < len(argv):
+    a = argv[i]
+    if a in ("--flagfile", "-flagfile") and i + 1 < len(argv):
+      a, i = f"--flagfile={argv[i + 1]}", i + 1
+    if a.startswith(("--flagfile=", "-flagfile=")):
+      from_file = F.read_flags_from_files([a], force_gnu=False)
+      expanded += [x for x in from_file if not (own and _is_prompt_flag(x))]
+    else:
+      expanded.append(a)
+    i += 1
+  try:
+    return F(expanded)
+  except flags.Error as err:
+    print(f"error: {err}\nTry --helpfull.", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_prompts(path: str) -> list[str]:
+  with open(path, encoding="utf-8") as f:
+    return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def config_from_flags() -> GenerationConfig:
+  prompts = list(F.prompt)
+  if F.prompts_file:
+    try:
+      prompts += read_prompts(os.path.expanduser(F.prompts_file))
+    except OSError as err:
+      raise ValueError(f"invalid settings:\n  - prompts_file={F.prompts_file!r}: {err.strerror}") from None
+  fields = {f.name for f in dataclasses.fields(GenerationConfig)} - {"prompts"}
+  values = {name: F[name].value for name in fields}
+  for name in _PATH_FLAGS:
+    values[name] = os.path.expanduser(values[name]) if values[name] else values[name]
+  return GenerationConfig(prompts=tuple(prompts), **values)
+
+
+def _init_distributed() -> None:
+  import jax
+
+  if not (F.coordinator_address or F.distributed):
+    return
+  try:  # CPU collectives across processes (tests, CPU clusters); GPUs use NCCL regardless
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, ValueError):
+    pass
+  if F.coordinator_address:
+    jax.distributed.initialize(F.coordinator_address, num_processes=F.num_processes, process_id=F.process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+  logging.set_verbosity(logging.WARNING)  # absl's app would show JAX's INFO lines (backend probing)
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)", file=sys.stderr)
+    sys.exit(2)
+  from vinf_jax import pipeline
+
+  if F.coordinator_address and not 0 <= F.process_id < F.num_processes:
+    print(f"error: process_id={F.process_id}, expected 0..{F.num_processes - 1} (num_processes)", file=sys.stderr)
+    sys.exit(2)
+  _init_distributed()  # before anything touches a device (validation counts them)
+  try:
+    cfg = config_from_flags()
+    pipeline.validate(cfg)
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    pipeline.generate(cfg)
+  except (ValueError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+  except FloatingPointError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run() -> None:
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()
