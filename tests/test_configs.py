@@ -37,3 +37,39 @@ def test_flagfile_parses_and_validates(path):
   for d in (1, 2, 4, 8) if cfg.num_devices == 0 else (cfg.num_devices,):
     if cfg.frames % d == 0 and cfg.frames // d >= max(4, cfg.window if cfg.attention == "dual" else 0):
       pipeline.validate(dataclasses.replace(cfg, num_devices=d, output=""))
+
+
+def test_readme_commands_name_real_flagfiles_and_flags():
+  """Every `python -m vinf_jax.sample` line of the README names an existing flagfile and known flags."""
+  import re
+
+  from vinf_jax import sample
+
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  lines = [ln for ln in readme.splitlines() if "python -m vinf_jax.sample" in ln and ln.strip().startswith("python")]
+  assert len(lines) >= 4
+  for ln in lines:
+    for path in re.findall(r"--flagfile[ =](\S+)", ln):
+      assert os.path.isfile(os.path.join(ROOT, path)), ln
+    for name in re.findall(r"--([a-z_]+)", ln):
+      assert name in ("flagfile", "helpfull") or name in sample.F, (name, ln)
+
+
+def test_readme_results_block_is_generated_from_results_md():
+  from benchmarks import results_table
+
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  block = readme.split(results_table.BEGIN)[1].split(results_table.END)[0]
+  assert block.strip() == results_table.render().strip()
+
+
+def test_helpfull_lists_every_flag():
+  import subprocess
+  import sys
+
+  from vinf_jax import sample
+
+  p = subprocess.run([sys.executable, "-m", "vinf_jax.sample", "--helpfull"], cwd=ROOT, capture_output=True, text=True)
+  assert p.returncode == 0, p.stderr
+  for name in sample.F:
+    assert f"--{name}" in p.stdout or f"--[no]{name}" in p.stdout, name

@@ -235,6 +235,7 @@ def make_denoiser(
   *,
   latent_shape: tuple[int, int, int, int, int],
   context_per_frame: bool = False,
+  frame_chunk: int = 0,
 ) -> Denoiser:
   """Build the clip-parallel sampling programs for ``model`` (a UNet3D) on ``mesh``.
 
@@ -246,11 +247,15 @@ def make_denoiser(
     latent_shape: ``(B, N, h, w, c)`` of the whole video's latent.
     context_per_frame: contexts are ``[B, N, S, C]`` (one text per frame, split with the frames)
       instead of ``[B, S, C]`` (replicated).
+    frame_chunk: the UNet's ``frame_chunk`` (local frames per chunk of its per-frame layers; 0: no
+      chunking): bounds the activation memory so a device can hold more frames, at some speed.
   """
   from flax import nnx
 
   from vinf_jax import sampling
 
+  if isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int) or frame_chunk < 0:
+    raise ValueError(f"frame_chunk={frame_chunk!r}, expected an int >= 0 (0: no chunking)")
   b, n, h, w, c = latent_shape
   d = mesh.shape[FRAMES]
   temporal.validate()
@@ -258,7 +263,7 @@ def make_denoiser(
   t_loc = n // d
   frames = frame_context(mesh, temporal)
   graphdef, params = nnx.split(model)
-  params = jax.tree.map(lambda a: replicate(np.asarray(a), mesh), params)
+  params = jax.tree.map(lambda a: on_mesh(a, mesh), params)  # no copy when already replicated there
   P = jax.sharding.PartitionSpec
   state_spec = sampling.SamplerState(x=frames_spec(), x0=frames_spec(), i=P())
   ctx_spec = frames_spec() if context_per_frame else P()
@@ -276,7 +281,8 @@ def make_denoiser(
     unet = nnx.merge(graphdef, params)
     t = sampling.timestep(plan, state.i)
     x2 = jnp.concatenate([state.x, state.x], axis=0)  # [2B, T, ...]: (uncond, cond)
-    eps = unet(x2, t, jnp.concatenate([ctx_u, ctx_c], axis=0), jnp.concatenate([fps, fps]), frames=frames)
+    ctx2, fps2 = jnp.concatenate([ctx_u, ctx_c], axis=0), jnp.concatenate([fps, fps])
+    eps = unet(x2, t, ctx2, fps2, frames=frames, frame_chunk=frame_chunk)
     noise = None
     if plan.stochastic:
       noise = sampling.batch_frame_noise(seed, state.i, frame_index(), (h, w, c), b)
@@ -309,3 +315,10 @@ def replicate(x, mesh: jax.sharding.Mesh) -> jax.Array:
   """A host value (the same on every process) as an array replicated over the mesh."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx])
+
+
+def on_mesh(x, mesh: jax.sharding.Mesh) -> jax.Array:
+  """``x`` replicated over ``mesh``: as it is when it already is (no copy), else through the host."""
+  if isinstance(x, jax.Array) and x.sharding.is_fully_replicated and x.sharding.device_set == set(mesh.devices.flat):
+    return x
+  return replicate(np.asarray(x), mesh)

@@ -405,40 +405,58 @@ class Models:
   compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
-def load_models(cfg: GenerationConfig, plan: _Plan | None = None, log: Callable[[str], None] = _log0) -> Models:
+def load_models(
+  cfg: GenerationConfig,
+  plan: _Plan | None = None,
+  log: Callable[[str], None] = _log0,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Models:
   """The UNet and VAE in the run's dtype, the text encoder in float32, and the tokenizer.
 
-  ``plan`` is what :func:`validate` returned for ``cfg`` (validated here when None).
+  The UNet and VAE are placed replicated over ``mesh`` (default: the mesh of ``cfg.num_devices``), where
+  the sampling programs use them without a copy. The text encoder runs once per video on a few prompts,
+  so it lives on the host's CPU device and takes no accelerator memory. ``plan`` is what :func:`validate`
+  returned for ``cfg`` (validated here when None).
   """
   plan = plan or validate(cfg)
   from vinf_jax import tokenizer as tok_lib
   from vinf_jax.models import text_encoder, unet3d, vae
 
+  mesh = mesh or parallel.make_mesh(cfg.num_devices or None)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  host = jax.sharding.SingleDeviceSharding(_host_device())
   model = plan.model.with_dtype(plan.dtype)
   text_cfg = dataclasses.replace(model.text, dtype="float32", param_dtype="float32")  # small; keep it exact
   if not cfg.weights:
     log(f"random weights of the {model.name!r} model (seed {cfg.weights_seed}): the video is noise-like")
     return Models(
       config=model,
-      unet=random_model(unet3d.UNet3D, model.unet, cfg.weights_seed),
-      vae=random_model(vae.AutoencoderKL, model.vae, cfg.weights_seed + 1),
-      text_encoder=random_model(text_encoder.TextEncoder, text_cfg, cfg.weights_seed + 2),
+      unet=random_model(unet3d.UNet3D, model.unet, cfg.weights_seed, sharding=rep),
+      vae=random_model(vae.AutoencoderKL, model.vae, cfg.weights_seed + 1, sharding=rep),
+      text_encoder=random_model(text_encoder.TextEncoder, text_cfg, cfg.weights_seed + 2, sharding=host),
       tokenize=tok_lib.ByteTokenizer(model.text.context_length),
     )
   path = lambda c: os.path.join(cfg.weights, c)
-  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return Models(
     config=model,
-    unet=checkpoint.load_params(path("unet"), make_abstract=lambda: unet3d.abstract(model.unet), sharding=local),
-    vae=checkpoint.load_params(path("vae"), make_abstract=lambda: vae.abstract(model.vae), sharding=local),
+    unet=checkpoint.load_params(path("unet"), make_abstract=lambda: unet3d.abstract(model.unet), sharding=rep),
+    vae=checkpoint.load_params(path("vae"), make_abstract=lambda: vae.abstract(model.vae), sharding=rep),
     text_encoder=checkpoint.load_params(
-      path("text_encoder"), make_abstract=lambda: text_encoder.abstract(text_cfg), sharding=local
+      path("text_encoder"), make_abstract=lambda: text_encoder.abstract(text_cfg), sharding=host
     ),
     tokenize=tok_lib.load_tokenizer(plan.tokenizer_dir, model.text.context_length),
   )
 
 
-def random_model(cls, cfg, seed: int):
+def _host_device():
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS without cpu: the first accelerator then
+    return jax.local_devices()[0]
+
+
+def random_model(cls, cfg, seed: int, *, sharding: jax.sharding.Sharding | None = None):
   """``cls(cfg)`` with random weights drawn on the host with numpy (demo, benchmarks, tests).
 
   Flax's initialisers run op by op are slow for a thousand parameters (and a jitted initialiser is slower
@@ -461,7 +479,8 @@ def random_model(cls, cfg, seed: int):
       std = {"embedding": 0.02, "positional_embedding": 0.01}.get(name)
       std = std or 1.0 / math.sqrt(max(1, math.prod(a.shape[:-1])))
       x = rng.standard_normal(a.shape, dtype=np.float32) * np.float32(std)
-    return jnp.asarray(x, a.dtype)
+    x = x.astype(a.dtype)  # ml_dtypes: numpy casts to bfloat16 too
+    return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
 
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
   return nnx.merge(graphdef, state)
@@ -478,7 +497,7 @@ def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int):
   from vinf_jax.models import vae as vae_lib
 
   graphdef, params = nnx.split(vae_model)
-  params = jax.tree.map(lambda a: parallel.replicate(np.asarray(a), mesh), params)
+  params = jax.tree.map(lambda a: parallel.on_mesh(a, mesh), params)
   P = jax.sharding.PartitionSpec
 
   def body(params, z):  # z: [B, T, h, w, c] local frames
@@ -593,7 +612,7 @@ def generate(
 
   t = time.perf_counter()
   if models is None:
-    models = load_models(cfg, plan, log)
+    models = load_models(cfg, plan, log, mesh=mesh)
   elif models.config.with_dtype("float32") != plan.model.with_dtype("float32"):
     raise ValueError(f"the models passed are of {models.config.name!r}, the settings ask for {plan.model.name!r}")
   mcfg = models.config

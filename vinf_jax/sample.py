@@ -18,97 +18,157 @@ import dataclasses
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from vinf_jax.pipeline import DTYPES, GenerationConfig
 
 _D = GenerationConfig()
-F = flags.FLAGS
+# Own flag set: other entry points (the converter) define flags of the same names in absl's global one.
+F = flags.FlagValues()
 
 # What to make
 flags.DEFINE_multi_string(
-  "prompt", [], "A prompt; repeat it for several prompts over one video (prompt i covers the i-th equal segment)."
+  "prompt",
+  [],
+  "A prompt; repeat it for several prompts over one video (prompt i covers the i-th equal segment).",
+  flag_values=F,
 )
 flags.DEFINE_string(
-  "prompts_file", "", "A text file of prompts, one per line ('#' comments and blank lines skipped), after any --prompt."
+  "prompts_file",
+  "",
+  "A text file of prompts, one per line ('#' comments and blank lines skipped), after any --prompt.",
+  flag_values=F,
 )
-flags.DEFINE_string("negative_prompt", _D.negative_prompt, "The unconditional text of classifier-free guidance.")
-flags.DEFINE_integer("frames", _D.frames, "Frames of the whole video (split over the devices).")
-flags.DEFINE_integer("height", _D.height, "Video height in pixels (a multiple of 64).")
-flags.DEFINE_integer("width", _D.width, "Video width in pixels (a multiple of 64).")
-flags.DEFINE_integer("fps", _D.fps, "Frame rate the UNet is conditioned on (VideoCrafter2 28, Video-Infinity 24).")
-flags.DEFINE_integer("seed", _D.seed, "Noise seed; the video does not depend on the device count.")
+flags.DEFINE_string(
+  "negative_prompt", _D.negative_prompt, "The unconditional text of classifier-free guidance.", flag_values=F
+)
+flags.DEFINE_integer("frames", _D.frames, "Frames of the whole video (split over the devices).", flag_values=F)
+flags.DEFINE_integer("height", _D.height, "Video height in pixels (a multiple of 64).", flag_values=F)
+flags.DEFINE_integer("width", _D.width, "Video width in pixels (a multiple of 64).", flag_values=F)
 flags.DEFINE_integer(
-  "prompt_transition", _D.prompt_transition, "Frames over which each prompt blends into the next (0 = hard cut)."
+  "fps", _D.fps, "Frame rate the UNet is conditioned on (VideoCrafter2 28, Video-Infinity 24).", flag_values=F
+)
+flags.DEFINE_integer("seed", _D.seed, "Noise seed; the video does not depend on the device count.", flag_values=F)
+flags.DEFINE_integer(
+  "prompt_transition",
+  _D.prompt_transition,
+  "Frames over which each prompt blends into the next (0 = hard cut).",
+  flag_values=F,
 )
 # Model
 flags.DEFINE_string(
   "weights",
   _D.weights,
   "Converted weights directory (python -m convert.videocrafter2); empty = random weights of --model.",
+  flag_values=F,
 )
 flags.DEFINE_string(
-  "model", _D.model, "Model preset (tiny, videocrafter2): the random-weights model, or a check of --weights."
+  "model",
+  _D.model,
+  "Model preset (tiny, videocrafter2): the random-weights model, or a check of --weights.",
+  flag_values=F,
 )
-flags.DEFINE_integer("weights_seed", _D.weights_seed, "Seed of random weights (without --weights).")
-flags.DEFINE_enum("dtype", _D.dtype, DTYPES, "Compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU.")
+flags.DEFINE_integer("weights_seed", _D.weights_seed, "Seed of random weights (without --weights).", flag_values=F)
+flags.DEFINE_enum(
+  "dtype", _D.dtype, DTYPES, "Compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU.", flag_values=F
+)
 # Sampler
-flags.DEFINE_string("sampler", _D.sampler, "dpmpp_sde (Video-Infinity) or ddim (VideoCrafter2).")
-flags.DEFINE_integer("steps", _D.steps, "Sampling steps (DDIM may run more; see --ddim_exact_steps).")
-flags.DEFINE_float("guidance", _D.guidance, "Classifier-free guidance scale (>= 0).")
-flags.DEFINE_float("eta", _D.eta, "DDIM noise level (0 = deterministic; VideoCrafter2 uses 1).")
+flags.DEFINE_string("sampler", _D.sampler, "dpmpp_sde (Video-Infinity) or ddim (VideoCrafter2).", flag_values=F)
+flags.DEFINE_integer("steps", _D.steps, "Sampling steps (DDIM may run more; see --ddim_exact_steps).", flag_values=F)
+flags.DEFINE_float("guidance", _D.guidance, "Classifier-free guidance scale (>= 0).", flag_values=F)
+flags.DEFINE_float("eta", _D.eta, "DDIM noise level (0 = deterministic; VideoCrafter2 uses 1).", flag_values=F)
 flags.DEFINE_bool(
-  "ddim_exact_steps", _D.ddim_exact_steps, "DDIM: exactly --steps steps instead of VideoCrafter2's spacing."
+  "ddim_exact_steps",
+  _D.ddim_exact_steps,
+  "DDIM: exactly --steps steps instead of VideoCrafter2's spacing.",
+  flag_values=F,
 )
 # Temporal parallelism
 flags.DEFINE_string(
-  "attention", _D.attention, "Temporal attention: dual (Video-Infinity's dual scope) or full (all frames)."
+  "attention",
+  _D.attention,
+  "Temporal attention: dual (Video-Infinity's dual scope) or full (all frames).",
+  flag_values=F,
 )
-flags.DEFINE_integer("window", _D.window, "Dual scope: local half-window P in frames.")
-flags.DEFINE_integer("num_global", _D.num_global, "Dual scope: global frames G (divides --frames).")
-flags.DEFINE_float("global_phase_from", _D.global_phase_from, "Dual scope: timesteps >= this bias the global frames.")
-flags.DEFINE_float("local_phase_below", _D.local_phase_below, "Dual scope: timesteps < this bias the local window.")
-flags.DEFINE_float("global_bias", _D.global_bias, "Dual scope: logit bias on global keys in the global phase.")
-flags.DEFINE_float("local_bias", _D.local_bias, "Dual scope: logit bias on local keys in the local phase.")
-flags.DEFINE_string("video_ends", _D.video_ends, "zeros (official: zero K/V past the video's ends) or mask.")
+flags.DEFINE_integer("window", _D.window, "Dual scope: local half-window P in frames.", flag_values=F)
+flags.DEFINE_integer("num_global", _D.num_global, "Dual scope: global frames G (divides --frames).", flag_values=F)
+flags.DEFINE_float(
+  "global_phase_from", _D.global_phase_from, "Dual scope: timesteps >= this bias the global frames.", flag_values=F
+)
+flags.DEFINE_float(
+  "local_phase_below", _D.local_phase_below, "Dual scope: timesteps < this bias the local window.", flag_values=F
+)
+flags.DEFINE_float(
+  "global_bias", _D.global_bias, "Dual scope: logit bias on global keys in the global phase.", flag_values=F
+)
+flags.DEFINE_float(
+  "local_bias", _D.local_bias, "Dual scope: logit bias on local keys in the local phase.", flag_values=F
+)
 flags.DEFINE_string(
-  "group_norm", _D.group_norm, "global (exact statistics, device-count invariant) or local (official)."
+  "video_ends", _D.video_ends, "zeros (official: zero K/V past the video's ends) or mask.", flag_values=F
 )
-flags.DEFINE_integer("query_block", _D.query_block, "Dual scope: query frames per block (0 = automatic); memory only.")
+flags.DEFINE_string(
+  "group_norm", _D.group_norm, "global (exact statistics, device-count invariant) or local (official).", flag_values=F
+)
+flags.DEFINE_integer(
+  "query_block", _D.query_block, "Dual scope: query frames per block (0 = automatic); memory only.", flag_values=F
+)
 # Devices and memory
-flags.DEFINE_integer("num_devices", _D.num_devices, "0 = every device of every process; K = the first K local devices.")
+flags.DEFINE_integer(
+  "num_devices", _D.num_devices, "0 = every device of every process; K = the first K local devices.", flag_values=F
+)
 flags.DEFINE_integer(
   "frame_chunk",
   _D.frame_chunk,
   "Frames per chunk of the UNet's per-frame layers (0 = all at once); lower it when out of memory.",
+  flag_values=F,
 )
-flags.DEFINE_integer("decode_chunk", _D.decode_chunk, "Frames each device decodes at a time.")
+flags.DEFINE_integer("decode_chunk", _D.decode_chunk, "Frames each device decodes at a time.", flag_values=F)
 flags.DEFINE_string(
-  "compilation_cache_dir", _D.compilation_cache_dir, "JAX persistent compilation cache directory (empty = off)."
+  "compilation_cache_dir",
+  _D.compilation_cache_dir,
+  "JAX persistent compilation cache directory (empty = off).",
+  flag_values=F,
 )
 # Outputs
-flags.DEFINE_string("output", "outputs/video.mp4", "Video path: .mp4, .gif, or a directory (no suffix) of PNG frames.")
-flags.DEFINE_float("export_fps", _D.export_fps, "Frame rate of the written video.")
 flags.DEFINE_string(
-  "save_latents", _D.save_latents, "Also write the final latents [1, frames, h/8, w/8, 4] float32 to this .npy."
+  "output", "outputs/video.mp4", "Video path: .mp4, .gif, or a directory (no suffix) of PNG frames.", flag_values=F
+)
+flags.DEFINE_float("export_fps", _D.export_fps, "Frame rate of the written video.", flag_values=F)
+flags.DEFINE_string(
+  "save_latents",
+  _D.save_latents,
+  "Also write the final latents [1, frames, h/8, w/8, 4] float32 to this .npy.",
+  flag_values=F,
 )
 # Resume
 flags.DEFINE_integer(
-  "save_state_every", _D.save_state_every, "Save resumable state to --state_dir every N steps (0 = never)."
+  "save_state_every",
+  _D.save_state_every,
+  "Save resumable state to --state_dir every N steps (0 = never).",
+  flag_values=F,
 )
-flags.DEFINE_string("state_dir", _D.state_dir, "Directory for resumable state.")
+flags.DEFINE_string("state_dir", _D.state_dir, "Directory for resumable state.", flag_values=F)
 flags.DEFINE_string(
-  "resume", _D.resume, "Continue from the state saved in this directory (same settings and device count)."
+  "resume",
+  _D.resume,
+  "Continue from the state saved in this directory (same settings and device count).",
+  flag_values=F,
 )
-flags.DEFINE_integer("stop_after", _D.stop_after, "Run at most N steps now, save state and stop (0 = to the end).")
+flags.DEFINE_integer(
+  "stop_after", _D.stop_after, "Run at most N steps now, save state and stop (0 = to the end).", flag_values=F
+)
 # Several hosts
-flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for several processes (jax.distributed).")
-flags.DEFINE_integer("num_processes", 1, "Processes in all (with --coordinator_address).")
-flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).")
+flags.DEFINE_string(
+  "coordinator_address", "", "host:port of process 0, for several processes (jax.distributed).", flag_values=F
+)
+flags.DEFINE_integer("num_processes", 1, "Processes in all (with --coordinator_address).", flag_values=F)
+flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).", flag_values=F)
 flags.DEFINE_bool(
   "distributed",
   False,
   "jax.distributed.initialize() with JAX's auto-detection (Slurm, Open MPI, TPU, JAX_COORDINATOR_ADDRESS).",
+  flag_values=F,
 )
 
 _PATH_FLAGS = ("output", "weights", "save_latents", "state_dir", "resume", "compilation_cache_dir")
@@ -121,6 +181,9 @@ def _is_prompt_flag(arg: str) -> bool:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, except that prompts given on the command line replace the flagfiles' prompts."""
+  if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
+    print(__doc__ + "\nflags:\n" + F.get_help(include_special_flags=False))
+    sys.exit(0)
   if F.is_parsed():  # a second parse in one process (tests) starts from the defaults
     F.unparse_flags()
   own = any(_is_prompt_flag(a) for a in argv[1:])
@@ -204,7 +267,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  app.run(main, flags_parser=parse_flags)
+  main(parse_flags(sys.argv))
 
 
 if __name__ == "__main__":

@@ -115,11 +115,19 @@ class ResBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, emb: jax.Array, frames: FrameContext) -> jax.Array:
     """x: [B, T, H, W, Cin], emb: [B, E] -> [B, T, H, W, Cout]."""
+    return self.temopral_conv(self.spatial(x, emb), frames)
+
+  def spatial(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    """The per-frame 2D part (everything before the temporal conv block): any subset of frames may
+    go through it on its own, which is what the UNet's ``frame_chunk`` relies on.
+
+    x: [B, T, H, W, Cin], emb: [B, E] -> [B, T, H, W, Cout].
+    """
     h = conv2d(self.in_conv, jax.nn.silu(self.in_norm(x, axes=(2, 3))))  # per-frame statistics
     h = h + self.emb_proj(jax.nn.silu(emb))[:, None, None, None, :]
     h = conv2d(self.out_conv, jax.nn.silu(self.out_norm(h, axes=(2, 3))))
     skip = x if self.skip_connection is None else conv2d(self.skip_connection, x)
-    return self.temopral_conv(skip + h, frames)
+    return skip + h
 
 
 class Downsample(nnx.Module):

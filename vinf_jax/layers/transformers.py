@@ -2,12 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from vinf_jax.layers.attention import BasicTransformerBlock, attention, temporal_attention
-from vinf_jax.layers.norm import GroupNorm
+from vinf_jax.layers.norm import GroupNorm, group_stats
 from vinf_jax.parallel import FrameContext
+
+
+def map_chunks(fn: Callable, args: Sequence[jax.Array], *, axis: int, chunk: int):
+  """``fn(*args)`` computed ``chunk`` indices of ``axis`` at a time, so only one chunk's intermediates are live.
+
+  ``fn`` must treat the indices along ``axis`` independently (frames of a per-frame layer, positions
+  of an attention over frames) and return a pytree of arrays with that axis at the same place and
+  length as its inputs'; every array of ``args`` is split along ``axis`` (anything shared is closed
+  over by ``fn``). The chunks run one after another in a ``fori_loop`` that writes each result into
+  the output buffers in place (``dynamic_update_slice``): no stacked copy to transpose back.
+
+  When ``chunk`` does not divide the length, the last chunk is shifted back to end at the last index
+  and overlaps the one before it, instead of padding: the overlapped indices are computed twice and
+  written twice with the same values, and no padded copy of the (whole-clip) inputs is made.
+  ``chunk <= 0`` or ``chunk >= length``: one call of ``fn`` on everything.
+  """
+  size = args[0].shape[axis]
+  if chunk <= 0 or chunk >= size:
+    return fn(*args)
+  n = -(-size // chunk)
+
+  chunk_args = [jax.ShapeDtypeStruct(a.shape[:axis] + (chunk,) + a.shape[axis + 1 :], a.dtype) for a in args]
+  shapes = jax.eval_shape(fn, *chunk_args)
+
+  def body(i, out):
+    # The barrier makes this chunk's inputs depend on the previous chunk's results: XLA (GPU) may
+    # unroll a loop with a small trip count, and its scheduler would then be free to run the chunks'
+    # independent work side by side, keeping every chunk's intermediates alive at once.
+    out, xs = jax.lax.optimization_barrier((out, list(args)))
+    start = jnp.minimum(i * chunk, size - chunk)
+    y = fn(*[jax.lax.dynamic_slice_in_dim(a, start, chunk, axis) for a in xs])
+    return jax.tree.map(lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v, start, axis), out, y)
+
+  # The output buffers are zeros computed from an input value (0 * x, not folded for floats), so they
+  # cannot be allocated before the inputs exist: a constant broadcast has no operands, and a scheduler
+  # that places it early (at the program start, say) would keep the whole-clip outputs of every
+  # chunked loop of a UNet alive at once. Every index is overwritten, so a non-finite value is harmless.
+  zero = 0 * jax.lax.index_in_dim(args[0].reshape(-1), 0, keepdims=False)
+  out = jax.tree.map(lambda s: jnp.full(s.shape[:axis] + (size,) + s.shape[axis + 1 :], zero, s.dtype), shapes)
+  return jax.lax.fori_loop(0, n, body, out)
 
 
 class SpatialTransformer(nnx.Module):
@@ -75,20 +118,60 @@ class TemporalTransformer(nnx.Module):
     self.transformer_blocks = nnx.List([BasicTransformerBlock(inner, heads, dim_head, None, self_only=True, **kw)])
     self.proj_out = nnx.Linear(inner, ch, **kw)
 
-  def __call__(self, x: jax.Array, t: jax.Array, frames: FrameContext) -> jax.Array:
-    """x: [B, T, H, W, C] local frames; t: [B] timesteps (dual-scope phase)."""
+  def __call__(self, x: jax.Array, t: jax.Array, frames: FrameContext, *, frame_chunk: int = 0) -> jax.Array:
+    """x: [B, T, H, W, C] local frames; t: [B] timesteps (dual-scope phase).
+
+    ``frame_chunk`` C > 0: everything after the GroupNorm statistics (which span the clip and are
+    taken once) runs over chunks of spatial positions, about C frames' worth of tokens each
+    (``ceil(T / C)`` chunks, at most one per position): attention is over frames at each position, so
+    positions are independent, and proj_in, the LayerNorms, the 8x-wide GEGLU hidden and proj_out only
+    exist for one chunk at a time. The attention's collectives (halos, global frames) then run once
+    per chunk, on that chunk's positions.
+    """
     b, tl, hh, ww, c = x.shape
     m = hh * ww
+    chunks = min(-(-tl // frame_chunk), m) if frame_chunk > 0 else 1
+    if chunks > 1:
+      return self._chunked(x, t, frames, -(-m // chunks))
     h = self.norm(x, axes=(1, 2, 3), sum_fn=frames.sum_frames)  # statistics over the clip
     h = h.transpose(0, 2, 3, 1, 4).reshape(b * m, tl, c)  # [B*HW, T, C]
+    h = self._mix_frames(h, t, frames, b, m).reshape(b, hh, ww, tl, c).transpose(0, 3, 1, 2, 4)
+    return x + h
+
+  def _mix_frames(self, h: jax.Array, t: jax.Array, frames: FrameContext, b: int, m: int) -> jax.Array:
+    """h: [B*M, T, C] normalised tokens of M positions -> [B*M, T, C] (proj_in, block, proj_out)."""
+    tl = h.shape[1]
     h = self.proj_in(h)
 
-    def self_fn(q, k, v):  # [B*HW, T, heads, d]
+    def self_fn(q, k, v):  # [B*M, T, heads, d]
       shp = (b, m, tl, *q.shape[2:])
       o = temporal_attention(q.reshape(shp), k.reshape(shp), v.reshape(shp), t, frames)
       return o.reshape(q.shape)
 
     for blk in self.transformer_blocks:
       h = blk(h, None, self_fn)
-    h = self.proj_out(h).reshape(b, hh, ww, tl, c).transpose(0, 3, 1, 2, 4)
-    return x + h
+    return self.proj_out(h)
+
+  def _chunked(self, x: jax.Array, t: jax.Array, frames: FrameContext, positions: int) -> jax.Array:
+    """The same as the plain path, ``positions`` spatial positions at a time (see ``__call__``)."""
+    b, tl, hh, ww, c = x.shape
+    norm = self.norm
+    g = norm.num_groups
+    # Statistics once over the whole clip (psum over devices included), outside the loop:
+    # GroupNorm.__call__ would take them from the chunk it normalises.
+    mean, var = group_stats(x, g, (1, 2, 3), frames.sum_frames)  # [B, 1, 1, 1, G, 1]
+    mean, var = mean[:, 0], var[:, 0]  # [B, 1, 1, G, 1], for chunks [B, T, P, C]
+    inv = jax.lax.rsqrt(var + norm.epsilon)
+
+    def body(xc):  # [B, T, P, C]: P positions of every local frame
+      p = xc.shape[2]
+      # GroupNorm.__call__'s arithmetic with the clip statistics
+      xg = xc.astype(jnp.float32).reshape(b, tl, p, g, c // g)
+      h = ((xg - mean) * inv).reshape(xc.shape)
+      h = (h * norm.scale[...].astype(jnp.float32) + norm.bias[...].astype(jnp.float32)).astype(norm.dtype)
+      h = h.transpose(0, 2, 1, 3).reshape(b * p, tl, c)  # [B*P, T, C]
+      h = self._mix_frames(h, t, frames, b, p).reshape(b, p, tl, c).transpose(0, 2, 1, 3)  # [B, T, P, C]
+      return xc + h
+
+    y = map_chunks(body, [x.reshape(b, tl, hh * ww, c)], axis=2, chunk=positions)  # [B, T, HW, C]
+    return y.reshape(x.shape)

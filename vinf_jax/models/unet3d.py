@@ -23,7 +23,7 @@ from vinf_jax.layers.attention import resolve_implementation
 from vinf_jax.layers.embeddings import TimestepMLP, timestep_embedding
 from vinf_jax.layers.norm import GroupNorm
 from vinf_jax.layers.resnet import Downsample, ResBlock, Upsample, conv2d
-from vinf_jax.layers.transformers import SpatialTransformer, TemporalTransformer
+from vinf_jax.layers.transformers import SpatialTransformer, TemporalTransformer, map_chunks
 from vinf_jax.parallel import FrameContext
 
 
@@ -87,8 +87,37 @@ class UNet3D(nnx.Module):
     fps: jax.Array | None = None,
     *,
     frames: FrameContext = FrameContext(),
+    frame_chunk: int = 0,
   ) -> jax.Array:
     """Predict the noise.
+
+    ``frame_chunk`` bounds the activation memory. With C > 0 every run of consecutive per-frame
+    layers (conv_in; a ResBlock's 2D part, with the skip concatenation and a Down/Upsample next to
+    it; a SpatialTransformer; the output norm and conv) runs over chunks of C local frames, one after
+    another, and the temporal transformers run over chunks of spatial positions of about C frames'
+    worth of tokens (their clip-wide GroupNorm statistics taken once beforehand); the temporal conv
+    blocks run on the whole local clip. The result is the same up to float rounding (frames are
+    independent in the spatial layers, positions in the attention over frames). When C does not
+    divide the frames (or the positions), the last chunk overlaps the one before it, so up to C-1
+    frames are computed twice per chunked run; C >= T is the same as 0. Smaller chunks mean less
+    memory but smaller, slower matmuls and (with several devices) one set of temporal-attention
+    collectives per chunk; 0 is the unchunked program.
+
+    What stays per frame after chunking (full-size model, latent 40x64, batch 2, bfloat16, i.e.
+    4 bytes per value of one frame; arithmetic, not measured): the 12 skip connections, alive from
+    the encoder until their decoder block, hold 3 x 2560 x 320 + 640 x 320 + 2 x 640 x 640 +
+    160 x 640 + 2 x 160 x 1280 + 3 x 40 x 1280 = 4,147,200 values per frame (16.6 MB; the three
+    level-0 ones, 2,457,600 values, until the last blocks). On top of them the whole-clip working set
+    of the widest level (2560 x 320 = 819,200 values, 3.3 MB per frame and tensor): the block's input
+    and output, and in a temporal conv block its residual input, the normalised activation and each
+    stage's output, about five such tensors (16.4 MB). So at most ~33 MB per frame (~38 GB at 1152
+    frames; the actual peak, in the first level-0 decoder block with two level-0 skips alive, ~23 MB
+    per frame, ~26 GB), plus one chunk's intermediates, which do not grow with T: a spatial
+    transformer at level 0 has a GEGLU hidden of 2560 tokens x 2560 values (26 MB per frame of the
+    chunk) alone. Without chunking those intermediates scale with all T frames: XLA's temporary
+    buffers for the unchunked forward at 1152 frames (dual-scope attention) are 76.6 GiB, 68 MiB per
+    frame (compiled on an H100, jax 0.11.2), which leaves no room for weights and latents on 80 GB;
+    with ``frame_chunk=16`` they are 4.69 GiB at 256 frames, 18.8 MiB per frame (same card and jax).
 
     Args:
       x: ``[B, T, H, W, C_in]`` noisy latents of the local frames (H, W divisible by 2**(levels-1)).
@@ -96,10 +125,13 @@ class UNet3D(nnx.Module):
       context: ``[B, S, context_dim]`` text, or ``[B, T, S, context_dim]`` one text per frame.
       fps: ``[B]`` or scalar frame-rate conditioning (required when ``cfg.fps_cond``).
       frames: how the local frames sit in the video (default: all of it on this device).
+      frame_chunk: local frames per chunk of the per-frame layers (0: no chunking); static.
 
     Returns:
       ``[B, T, H, W, C_out]`` float32.
     """
+    if isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int) or frame_chunk < 0:
+      raise ValueError(f"frame_chunk={frame_chunk!r}, expected an int >= 0 (0: no chunking)")
     cfg = self.cfg
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
@@ -111,31 +143,99 @@ class UNet3D(nnx.Module):
       fps = jnp.broadcast_to(jnp.asarray(fps, jnp.float32), (b,))
       emb = emb + self.fps_embedding(timestep_embedding(fps, cfg.model_channels).astype(dtype))
     context = context.astype(dtype)
-
-    h = conv2d(self.input_blocks[0][0], x.astype(dtype))
-    h = self.init_attn[0](h, t, frames)
-    skips = [h]  # the first skip is taken after init_attn
-    for blk in list(self.input_blocks)[1:]:
-      h = self._block(blk, h, emb, context, t, frames)
-      skips.append(h)
-    h = self._block(self.middle_block, h, emb, context, t, frames)
-    for blk in self.output_blocks:
-      h = self._block(blk, jnp.concatenate([h, skips.pop()], axis=-1), emb, context, t, frames)
-    h = conv2d(self.out_conv, jax.nn.silu(self.out_norm(h, axes=(2, 3))))
+    steps = self._steps(emb, t, frames, frame_chunk)
+    h = _run(steps, x.astype(dtype), context, frame_chunk)
     return h.astype(jnp.float32)
 
-  @staticmethod
-  def _block(layers, h, emb, context, t, frames):
-    for layer in layers:
-      if isinstance(layer, ResBlock):
-        h = layer(h, emb, frames)
-      elif isinstance(layer, SpatialTransformer):
-        h = layer(h, context)
-      elif isinstance(layer, TemporalTransformer):
-        h = layer(h, t, frames)
-      else:  # Downsample / Upsample
-        h = layer(h)
-    return h
+  def _steps(self, emb, t, frames, frame_chunk) -> list[tuple[str, object]]:
+    """The forward pass as a flat list of ``(kind, fn)``: kind 'spatial' (``fn(h, context)``, per
+    frame), 'temporal' (``fn(h)``, whole local clip), 'push' (h becomes a skip) or 'concat' (the last
+    skip is concatenated to h along channels; per frame)."""
+
+    # Default arguments bind each layer (a plain closure would see the loop's last one).
+    def block(layers):
+      out = []
+      for layer in layers:
+        if isinstance(layer, ResBlock):
+          out.append(("spatial", lambda h, ctx, r=layer: r.spatial(h, emb)))
+          out.append(("temporal", lambda h, r=layer: r.temopral_conv(h, frames)))
+        elif isinstance(layer, SpatialTransformer):
+          out.append(("spatial", lambda h, ctx, st=layer: st(h, ctx)))
+        elif isinstance(layer, TemporalTransformer):
+          out.append(("temporal", lambda h, tt=layer: tt(h, t, frames, frame_chunk=frame_chunk)))
+        else:  # Downsample / Upsample
+          out.append(("spatial", lambda h, ctx, f=layer: f(h)))
+      return out
+
+    push, concat = ("push", None), ("concat", None)
+    steps = [
+      ("spatial", lambda h, ctx: conv2d(self.input_blocks[0][0], h)),
+      ("temporal", lambda h: self.init_attn[0](h, t, frames, frame_chunk=frame_chunk)),
+      push,  # the first skip is taken after init_attn
+    ]
+    for blk in list(self.input_blocks)[1:]:
+      steps += [*block(blk), push]
+    steps += block(self.middle_block)
+    for blk in self.output_blocks:
+      steps += [concat, *block(blk)]
+    steps.append(("spatial", lambda h, ctx: conv2d(self.out_conv, jax.nn.silu(self.out_norm(h, axes=(2, 3))))))
+    return steps
+
+
+def _run(steps, h: jax.Array, context: jax.Array, frame_chunk: int) -> jax.Array:
+  """Run the steps of :meth:`UNet3D._steps`; each maximal run of non-temporal steps is one segment,
+  chunked over frames (see :func:`_segment`)."""
+  skips: list[jax.Array] = []
+  i = 0
+  while i < len(steps):
+    if steps[i][0] == "temporal":
+      h = steps[i][1](h)
+      i += 1
+      continue
+    j = i
+    while j < len(steps) and steps[j][0] != "temporal":
+      j += 1
+    h, skips = _segment(steps[i:j], h, skips, context, frame_chunk)
+    i = j
+  return h
+
+
+def _segment(steps, h, skips, context, frame_chunk):
+  """Per-frame steps over chunks of ``frame_chunk`` frames (all at once for 0).
+
+  The chunks take h, the skips the segment concatenates and a per-frame context along the frame
+  axis, and return h and the skips the segment pushes; a shared ``[B, S, C]`` context is the same
+  for every chunk.
+  """
+  skips = list(skips)
+  while steps and steps[0][0] == "push":  # h itself is the skip: no chunked copy of it
+    skips.append(h)
+    steps = steps[1:]
+  if not steps:
+    return h, skips
+  taken, depth = 0, 0  # skips popped from the stack before the segment / pushed inside it
+  for kind, _ in steps:
+    if kind == "push":
+      depth += 1
+    elif kind == "concat":
+      depth, taken = (depth - 1, taken) if depth else (depth, taken + 1)
+  keep, popped = skips[: len(skips) - taken], skips[len(skips) - taken :]
+  per_frame = context.ndim == 4  # [B, T, S, C]: split along frames with h
+
+  def run(h, *args):  # h: [B, T', H, W, C] for T' frames (all, or one chunk)
+    ctx, stack = (args[0], list(args[1:])) if per_frame else (context, list(args))
+    for kind, fn in steps:
+      if kind == "spatial":
+        h = fn(h, ctx)
+      elif kind == "push":
+        stack.append(h)
+      else:
+        h = jnp.concatenate([h, stack.pop()], axis=-1)
+    return h, stack  # stack: the skips pushed here
+
+  args = [h, *([context] if per_frame else []), *popped]
+  h, pushed = map_chunks(run, args, axis=1, chunk=frame_chunk)
+  return h, keep + list(pushed)
 
 
 def build(cfg: UNetConfig, seed: int = 0) -> UNet3D:
