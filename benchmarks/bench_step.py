@@ -58,7 +58,7 @@ from absl import flags
 from benchmarks import flops as flops_lib
 from vinf_jax import parallel, sampling
 from vinf_jax.config import TemporalConfig, UNetConfig, preset, to_dtype
-from vinf_jax.models import unet3d
+from vinf_jax.models import param_count, unet3d
 
 # Dense bf16 tensor-core peak of the H100 and H200 SXM datasheets (no sparsity).
 DATASHEET_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -693,7 +693,7 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
   print(f"matmul {bc.matmul_size}^3 {res['matmul']['dtype']}: {res['matmul']['flops'] / 1e12:.1f} TFLOP/s", flush=True)
 
   model, meta["init_s"] = build_host_unet(bc.unet, bc.seed)
-  meta["param_count"] = unet3d.param_count(model)
+  meta["param_count"] = param_count(model)
   print(
     f"UNet {meta['param_count'] / 1e6:.1f} M parameters ({bc.unet.param_dtype}), {meta['init_s']:.1f} s", flush=True
   )

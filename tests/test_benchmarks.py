@@ -182,7 +182,7 @@ def fake_run_config(model, bc, d, f, steps, plan, wall_s=1.0):
 def fake_bench(monkeypatch):
   """bench_step.main without a model: every (D, F) run is fake_run_config."""
   monkeypatch.setattr(bench_step, "build_host_unet", lambda cfg, seed: (None, 0.0))
-  monkeypatch.setattr(bench_step.unet3d, "param_count", lambda model: 1)
+  monkeypatch.setattr(bench_step, "param_count", lambda model: 1)
   monkeypatch.setattr(
     bench_step, "matmul_rate", lambda *a: {"size": 8, "iters": 1, "dtype": "bf16", "ms": 1.0, "flops": 8e14}
   )

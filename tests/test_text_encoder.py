@@ -17,7 +17,7 @@ from flax import nnx
 from convert import common, text_table
 from tests import _reference
 from vinf_jax.config import TINY, VIDEOCRAFTER2, TextConfig
-from vinf_jax.models import text_encoder
+from vinf_jax.models import param_count, text_encoder
 
 MANIFEST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "videocrafter2_state_dict.json"
 
@@ -195,7 +195,7 @@ def test_full_size_parameter_count():
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model)))
   w = VIDEOCRAFTER2.text.width
   unused = w * w + 1  # text_projection [1024, 1024] and logit_scale []: stored, dropped by the converter
-  assert text_encoder.param_count(model) + unused == 354_032_641
+  assert param_count(model) + unused == 354_032_641
   stage = {k: s for k, s in manifest().items() if k.startswith("cond_stage_model.")}
   assert sum(math.prod(s) for s in stage.values()) == 354_032_641
   assert stage["cond_stage_model.model.text_projection"] == (w, w) and stage["cond_stage_model.model.logit_scale"] == ()
@@ -268,4 +268,4 @@ def test_from_params_and_config_validation_name_the_problem():
   with pytest.raises(ValueError, match=r"ln_final/scale: shape \(31,\), expected \(32,\)"):
     text_encoder.from_params(CFG, good)
   with pytest.raises(ValueError, match=r"width=30 not divisible by heads=4\n  - layers_used=4, expected 1 <="):
-    text_encoder.validate(TextConfig(width=30, heads=4, layers=3, layers_used=4))
+    TextConfig(width=30, heads=4, layers=3, layers_used=4).validate()

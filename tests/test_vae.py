@@ -19,7 +19,7 @@ from flax import nnx
 
 from convert import common, vae_table
 from vinf_jax.config import TINY, VIDEOCRAFTER2
-from vinf_jax.models import vae
+from vinf_jax.models import param_count, vae
 
 CFG = TINY.vae  # ch 32, ch_mult (1, 2, 2, 2), one ResnetBlock per level: diffusers (32, 64, 64, 64)
 B, T, H, W = 1, 2, 32, 48  # non-square, so a swapped H/W cannot pass
@@ -195,7 +195,7 @@ def test_bfloat16_compute_stays_close(reference):
 def test_full_size_parameter_count():
   model = vae.abstract(VIDEOCRAFTER2.vae)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model)))
-  assert vae.param_count(model) == 83_653_863
+  assert param_count(model) == 83_653_863
   targets = common.target_shapes(model)
   assert targets[("encoder", "down", 0, "block", 1, "norm1", "scale")][0] == (128,)
   assert targets[("decoder", "up", 0, "block", 0, "nin_shortcut", "kernel")][0] == (1, 1, 256, 128)

@@ -31,6 +31,14 @@ def to_dtype(name: str):
     raise ValueError(f"dtype {name!r} is not one of 'float32', 'bfloat16', 'float16'") from None
 
 
+def _check_dtypes(errors: list[str], cfg) -> None:
+  for f in ("dtype", "param_dtype"):
+    try:
+      to_dtype(getattr(cfg, f))
+    except ValueError as err:
+      errors.append(f"{f}: {err}")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """VideoCrafter2's 3D UNet (``lvdm.modules.networks.openaimodel3d.UNetModel``).
@@ -95,11 +103,7 @@ class UNetConfig:
       self.attention_impl in ("auto", "xla", "cudnn"),
       f"attention_impl={self.attention_impl!r}, expected 'auto', 'xla' or 'cudnn'",
     )
-    for f in ("dtype", "param_dtype"):
-      try:
-        to_dtype(getattr(self, f))
-      except ValueError as err:
-        e.append(f"{f}: {err}")
+    _check_dtypes(e, self)
     _raise("UNetConfig", e)
     return self
 
@@ -138,6 +142,20 @@ class VAEConfig:
   def downsample_factor(self) -> int:
     return 2 ** (len(self.ch_mult) - 1)
 
+  def validate(self) -> VAEConfig:
+    e: list[str] = []
+    _check(e, bool(self.ch_mult), "ch_mult is empty, expected at least one level")
+    for lvl, m in enumerate(self.ch_mult):
+      c = self.ch * m
+      _check(e, c % self.num_groups == 0, f"channels {c} of level {lvl} not divisible by num_groups={self.num_groups}")
+    _check(e, self.ch % self.num_groups == 0, f"ch={self.ch} not divisible by num_groups={self.num_groups}")
+    for f in ("in_channels", "out_channels", "num_res_blocks", "z_channels", "embed_dim"):
+      _check(e, getattr(self, f) >= 1, f"{f}={getattr(self, f)}, expected >= 1")
+    _check(e, self.scale_factor > 0, f"scale_factor={self.scale_factor}, expected > 0")
+    _check_dtypes(e, self)
+    _raise("VAEConfig", e)
+    return self
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
@@ -164,6 +182,20 @@ class TextConfig:
   mlp_ratio: int = 4
   dtype: str = "float32"
   param_dtype: str = "float32"
+
+  def validate(self) -> TextConfig:
+    e: list[str] = []
+    _check(e, self.width % self.heads == 0, f"width={self.width} not divisible by heads={self.heads}")
+    _check(
+      e,
+      1 <= self.layers_used <= self.layers,
+      f"layers_used={self.layers_used}, expected 1 <= layers_used <= layers={self.layers}",
+    )
+    for f in ("vocab_size", "context_length", "width", "heads", "mlp_ratio"):
+      _check(e, getattr(self, f) >= 1, f"{f}={getattr(self, f)}, expected >= 1")
+    _check_dtypes(e, self)
+    _raise("TextConfig", e)
+    return self
 
 
 @dataclasses.dataclass(frozen=True)

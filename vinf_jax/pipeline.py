@@ -466,7 +466,9 @@ def random_model(cls, cfg, seed: int, *, sharding: jax.sharding.Sharding | None 
   """
   from flax import nnx
 
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+  from vinf_jax.models import abstract_model
+
+  graphdef, state = nnx.split(abstract_model(cls, cfg))
   rng = np.random.default_rng(seed)
 
   def draw(path, a):

@@ -453,6 +453,12 @@ def frame_noise(
   return _frames_normal(key, frame_index, shape_per_frame, dtype)
 
 
+def _per_video(noise_of_video, batch: int, first_video: int | jax.Array) -> jax.Array:
+  """``noise_of_video(v)`` stacked over videos ``v = first_video .. first_video + batch - 1`` (int32 indices)."""
+  videos = first_video + jnp.arange(batch, dtype=jnp.int32)
+  return jax.vmap(noise_of_video)(videos)
+
+
 def batch_initial_noise(
   seed: int | jax.Array,
   frame_index: jax.Array,
@@ -463,8 +469,9 @@ def batch_initial_noise(
   dtype=jnp.float32,
 ) -> jax.Array:
   """[b, t, *shape_per_frame]: :func:`initial_noise` of videos ``first_video .. first_video + b - 1``."""
-  videos = first_video + jnp.arange(batch, dtype=jnp.int32)
-  return jax.vmap(lambda v: initial_noise(seed, frame_index, shape_per_frame, video_index=v, dtype=dtype))(videos)
+  return _per_video(
+    lambda v: initial_noise(seed, frame_index, shape_per_frame, video_index=v, dtype=dtype), batch, first_video
+  )
 
 
 def batch_frame_noise(
@@ -478,5 +485,6 @@ def batch_frame_noise(
   dtype=jnp.float32,
 ) -> jax.Array:
   """[b, t, *shape_per_frame]: :func:`frame_noise` of videos ``first_video .. first_video + b - 1``."""
-  videos = first_video + jnp.arange(batch, dtype=jnp.int32)
-  return jax.vmap(lambda v: frame_noise(seed, step, frame_index, shape_per_frame, video_index=v, dtype=dtype))(videos)
+  return _per_video(
+    lambda v: frame_noise(seed, step, frame_index, shape_per_frame, video_index=v, dtype=dtype), batch, first_video
+  )

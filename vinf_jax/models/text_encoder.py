@@ -23,7 +23,6 @@ upcasts both); the output is float32.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -31,28 +30,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vinf_jax.config import TextConfig, to_dtype
+from vinf_jax.models import abstract_model
 
 LN_EPS = 1e-5  # open_clip's nn.LayerNorm default; Flax's default (1e-6) would be a silent parity bug
-
-
-def validate(cfg: TextConfig) -> TextConfig:
-  """Raise ValueError naming every inconsistent TextConfig field (TextConfig has no validate())."""
-  e = []
-  if cfg.width % cfg.heads:
-    e.append(f"width={cfg.width} not divisible by heads={cfg.heads}")
-  if not 1 <= cfg.layers_used <= cfg.layers:
-    e.append(f"layers_used={cfg.layers_used}, expected 1 <= layers_used <= layers={cfg.layers}")
-  for f in ("vocab_size", "context_length", "width", "heads", "mlp_ratio"):
-    if getattr(cfg, f) < 1:
-      e.append(f"{f}={getattr(cfg, f)}, expected >= 1")
-  for f in ("dtype", "param_dtype"):
-    try:
-      to_dtype(getattr(cfg, f))
-    except ValueError as err:
-      e.append(f"{f}: {err}")
-  if e:
-    raise ValueError("invalid TextConfig:\n  - " + "\n  - ".join(e))
-  return cfg
 
 
 class Attention(nnx.Module):
@@ -106,7 +86,7 @@ class TextEncoder(nnx.Module):
   """Token ids ``[B, L]`` -> penultimate-layer features after ``ln_final``, ``[B, L, width]`` float32."""
 
   def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
-    validate(cfg)
+    cfg.validate()
     self.cfg = cfg
     dtype, pdt = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
@@ -146,7 +126,7 @@ def build(cfg: TextConfig, seed: int = 0) -> TextEncoder:
 
 def abstract(cfg: TextConfig) -> TextEncoder:
   """The text encoder with ShapeDtypeStructs instead of arrays: nothing is allocated."""
-  return nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0)))
+  return abstract_model(TextEncoder, cfg)
 
 
 def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -176,8 +156,3 @@ def from_params(cfg: TextConfig, params: dict[str, Any]) -> TextEncoder:
   pdt = to_dtype(cfg.param_dtype)
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, pdt), params))
   return nnx.merge(graphdef, state)
-
-
-def param_count(model: nnx.Module) -> int:
-  """Parameters of ``model`` (abstract or concrete)."""
-  return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))

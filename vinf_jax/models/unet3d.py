@@ -24,6 +24,7 @@ from vinf_jax.layers.embeddings import TimestepMLP, timestep_embedding
 from vinf_jax.layers.norm import GroupNorm
 from vinf_jax.layers.resnet import Downsample, ResBlock, Upsample, conv2d
 from vinf_jax.layers.transformers import SpatialTransformer, TemporalTransformer, map_chunks
+from vinf_jax.models import abstract_model
 from vinf_jax.parallel import FrameContext
 
 
@@ -245,8 +246,4 @@ def build(cfg: UNetConfig, seed: int = 0) -> UNet3D:
 
 def abstract(cfg: UNetConfig) -> UNet3D:
   """The UNet with ShapeDtypeStructs instead of arrays: nothing is allocated."""
-  return nnx.eval_shape(lambda: UNet3D(cfg, rngs=nnx.Rngs(0)))
-
-
-def param_count(model: nnx.Module) -> int:
-  return sum(int(jnp.size(v)) if hasattr(v, "size") else 0 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return abstract_model(UNet3D, cfg)

@@ -26,38 +26,13 @@ from flax import nnx
 from vinf_jax.config import VAEConfig, to_dtype
 from vinf_jax.layers.attention import attention
 from vinf_jax.layers.norm import GroupNorm
+from vinf_jax.models import abstract_model
 
 # Every GroupNorm of the LDM VAE uses eps 1e-6 (architecture notes, section 4.4); PyTorch's default
 # would be 1e-5.
 VAE_NORM_EPS = 1e-6
 # DiagonalGaussianDistribution clamps the log-variance to this range before exp().
 LOGVAR_RANGE = (-30.0, 20.0)
-
-
-def validate(cfg: VAEConfig) -> VAEConfig:
-  """Raise ValueError naming every bad field of ``cfg`` (VAEConfig has no ``validate()`` of its own)."""
-  e = []
-  if not cfg.ch_mult:
-    e.append("ch_mult is empty, expected at least one level")
-  for lvl, m in enumerate(cfg.ch_mult):
-    c = cfg.ch * m
-    if c % cfg.num_groups:
-      e.append(f"channels {c} of level {lvl} not divisible by num_groups={cfg.num_groups}")
-  if cfg.ch % cfg.num_groups:
-    e.append(f"ch={cfg.ch} not divisible by num_groups={cfg.num_groups}")
-  for f in ("in_channels", "out_channels", "num_res_blocks", "z_channels", "embed_dim"):
-    if getattr(cfg, f) < 1:
-      e.append(f"{f}={getattr(cfg, f)}, expected >= 1")
-  if not cfg.scale_factor > 0:
-    e.append(f"scale_factor={cfg.scale_factor}, expected > 0")
-  for f in ("dtype", "param_dtype"):
-    try:
-      to_dtype(getattr(cfg, f))
-    except ValueError as err:
-      e.append(f"{f}: {err}")
-  if e:
-    raise ValueError("invalid VAEConfig:\n  - " + "\n  - ".join(e))
-  return cfg
 
 
 def _conv3x3(cin: int, cout: int, **kw) -> nnx.Conv:
@@ -242,7 +217,7 @@ class AutoencoderKL(nnx.Module):
   """
 
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    validate(cfg)
+    cfg.validate()
     self.cfg = cfg
     dtype, pdt = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
@@ -344,7 +319,7 @@ def build(cfg: VAEConfig, seed: int = 0) -> AutoencoderKL:
 
 def abstract(cfg: VAEConfig) -> AutoencoderKL:
   """The autoencoder with ShapeDtypeStructs instead of arrays: nothing is allocated."""
-  return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+  return abstract_model(AutoencoderKL, cfg)
 
 
 def from_params(cfg: VAEConfig, params: dict) -> AutoencoderKL:
@@ -364,7 +339,3 @@ def from_params(cfg: VAEConfig, params: dict) -> AutoencoderKL:
   if unset:
     raise ValueError(f"{len(unset)} VAE parameters missing from params: {unset[:8]}")
   return nnx.merge(graphdef, state)
-
-
-def param_count(model: nnx.Module) -> int:
-  return sum(int(v.size) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
