@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import gc
 import inspect
 import json
@@ -334,36 +333,17 @@ def datasheet_flops(device_kind: str) -> float | None:
   return next((v for k, v in DATASHEET_BF16_FLOPS.items() if k in device_kind), None)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _uniform_kernel(key, shape, dtype):
-  bound = 1.0 / math.sqrt(math.prod(shape[:-1]))  # fan-in: every kernel here is [..., in, out]
-  return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 def build_host_unet(cfg: UNetConfig, seed: int) -> tuple[unet3d.UNet3D, float]:
-  """The UNet with random weights held as host numpy arrays, and the seconds it took.
+  """The UNet with random weights (``pipeline.random_model``) held on the host, and the seconds it took.
 
-  The kernels are drawn on the default device directly in ``param_dtype``, by one small jitted program per
-  distinct shape (45 at full size) with the ``rbg`` generator; jitting the whole constructor instead makes
-  one program of ~1500 random initialisers, whose compile took minutes on CPU. Norm scales are ones, biases
-  zeros. The weights are then copied to the host once: make_denoiser replicates its model's weights from
-  host arrays anyway, and no second device copy stays in memory during the runs.
+  On the host, not the GPU: make_denoiser replicates the weights onto each run's mesh, and no extra
+  device copy stays in memory during the runs.
   """
-  from flax import nnx
+  from vinf_jax import pipeline
 
   t0 = time.perf_counter()
-  graphdef, abstract_state = nnx.split(unet3d.abstract(cfg))
-  paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
-  base = jax.random.key(seed, impl="rbg")  # its programs compile 4x faster than threefry's (CPU)
-  leaves = []
-  for i, (path, a) in enumerate(paths):
-    if a.ndim >= 2:
-      leaves.append(_uniform_kernel(jax.random.fold_in(base, i), a.shape, a.dtype))
-    else:
-      name = str(getattr(path[-2], "key", "")) if len(path) > 1 else ""
-      leaves.append((np.ones if name == "scale" else np.zeros)(a.shape, a.dtype))
-  leaves = jax.device_get(leaves)  # one batched copy once everything is drawn
-  model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+  host = jax.sharding.SingleDeviceSharding(pipeline.host_device())
+  model = pipeline.random_model(unet3d.UNet3D, cfg, seed, sharding=host)
   return model, time.perf_counter() - t0
 
 

@@ -35,6 +35,7 @@ from vinf_jax.config import PRESETS, ModelConfig, TemporalConfig, preset
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STATE_META = "run.json"
 STATE_PREFIX = "step_"
+_SAMPLER, _TEMPORAL = sampling.SamplerConfig(), TemporalConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,21 +83,22 @@ class GenerationConfig:
   width: int = 512
   fps: int = 24
   seed: int = 0
-  sampler: str = "dpmpp_sde"
-  steps: int = 30
-  guidance: float = 12.0
-  eta: float = 1.0
-  ddim_exact_steps: bool = False
+  # The sampler's and the temporal options' own defaults, flattened (attention: Video-Infinity's dual scope).
+  sampler: str = _SAMPLER.name
+  steps: int = _SAMPLER.steps
+  guidance: float = _SAMPLER.guidance
+  eta: float = _SAMPLER.eta
+  ddim_exact_steps: bool = _SAMPLER.ddim_exact_steps
   attention: str = "dual"
-  window: int = 8
-  num_global: int = 16
-  global_phase_from: float = 800.0
-  local_phase_below: float = 800.0
-  global_bias: float = 10.0
-  local_bias: float = 10.0
-  video_ends: str = "zeros"
-  group_norm: str = "global"
-  query_block: int = 0
+  window: int = _TEMPORAL.window
+  num_global: int = _TEMPORAL.num_global
+  global_phase_from: float = _TEMPORAL.global_phase_from
+  local_phase_below: float = _TEMPORAL.local_phase_below
+  global_bias: float = _TEMPORAL.global_bias
+  local_bias: float = _TEMPORAL.local_bias
+  video_ends: str = _TEMPORAL.video_ends
+  group_norm: str = _TEMPORAL.group_norm
+  query_block: int = _TEMPORAL.query_block
   dtype: str = "auto"
   num_devices: int = 0
   frame_chunk: int = 0
@@ -425,7 +427,7 @@ def load_models(
 
   mesh = mesh or parallel.make_mesh(cfg.num_devices or None)
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  host = jax.sharding.SingleDeviceSharding(_host_device())
+  host = jax.sharding.SingleDeviceSharding(host_device())
   model = plan.model.with_dtype(plan.dtype)
   text_cfg = dataclasses.replace(model.text, dtype="float32", param_dtype="float32")  # small; keep it exact
   if not cfg.weights:
@@ -449,7 +451,8 @@ def load_models(
   )
 
 
-def _host_device():
+def host_device():
+  """The host's CPU device (the first accelerator when JAX runs without a CPU backend)."""
   try:
     return jax.local_devices(backend="cpu")[0]
   except RuntimeError:  # JAX_PLATFORMS without cpu: the first accelerator then

@@ -71,8 +71,13 @@ class GroupNorm(nnx.Module):
   ) -> jax.Array:
     """Normalise ``x`` ([..., C]) with statistics pooled over ``axes`` of ``stats_from`` (default x)."""
     mean, var = group_stats(x if stats_from is None else stats_from, self.num_groups, axes, sum_fn)
+    return self.normalize(x, mean, jax.lax.rsqrt(var + self.epsilon))
+
+  def normalize(self, x: jax.Array, mean: jax.Array, inv_std: jax.Array) -> jax.Array:
+    """Normalise ``x`` ([..., C]) with given statistics (shaped as :func:`group_stats` returns them, or
+    broadcastable to ``[..., G, C/G]``), then scale and shift: statistics taken once, applied to pieces."""
     c = x.shape[-1]
     xg = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    y = ((xg - mean) * inv_std).reshape(x.shape)
     y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)

@@ -155,20 +155,15 @@ class TemporalTransformer(nnx.Module):
   def _chunked(self, x: jax.Array, t: jax.Array, frames: FrameContext, positions: int) -> jax.Array:
     """The same as the plain path, ``positions`` spatial positions at a time (see ``__call__``)."""
     b, tl, hh, ww, c = x.shape
-    norm = self.norm
-    g = norm.num_groups
     # Statistics once over the whole clip (psum over devices included), outside the loop:
     # GroupNorm.__call__ would take them from the chunk it normalises.
-    mean, var = group_stats(x, g, (1, 2, 3), frames.sum_frames)  # [B, 1, 1, 1, G, 1]
+    mean, var = group_stats(x, self.norm.num_groups, (1, 2, 3), frames.sum_frames)  # [B, 1, 1, 1, G, 1]
     mean, var = mean[:, 0], var[:, 0]  # [B, 1, 1, G, 1], for chunks [B, T, P, C]
-    inv = jax.lax.rsqrt(var + norm.epsilon)
+    inv = jax.lax.rsqrt(var + self.norm.epsilon)
 
     def body(xc):  # [B, T, P, C]: P positions of every local frame
       p = xc.shape[2]
-      # GroupNorm.__call__'s arithmetic with the clip statistics
-      xg = xc.astype(jnp.float32).reshape(b, tl, p, g, c // g)
-      h = ((xg - mean) * inv).reshape(xc.shape)
-      h = (h * norm.scale[...].astype(jnp.float32) + norm.bias[...].astype(jnp.float32)).astype(norm.dtype)
+      h = self.norm.normalize(xc, mean, inv)
       h = h.transpose(0, 2, 1, 3).reshape(b * p, tl, c)  # [B*P, T, C]
       h = self._mix_frames(h, t, frames, b, p).reshape(b, p, tl, c).transpose(0, 2, 1, 3)  # [B, T, P, C]
       return xc + h
