@@ -55,9 +55,10 @@ def dense_dual_scope(q, k, v, t, cfg: TemporalConfig):
 
 
 @pytest.mark.parametrize("ends", ["zeros", "mask"])
-@pytest.mark.parametrize("d", [1, 2, 4, 8])
-def test_dual_scope_attention_matches_dense_reference(d, ends):
-  cfg = TemporalConfig(attention="dual", window=3, num_global=8, video_ends=ends)
+@pytest.mark.parametrize("d, qb", [(1, 0), (2, 0), (4, 0), (8, 0), (1, 8), (2, 4)])
+def test_dual_scope_attention_matches_dense_reference(d, qb, ends):
+  """qb: query blocks of that many frames (0: automatic, one block per device here)."""
+  cfg = TemporalConfig(attention="dual", window=3, num_global=8, video_ends=ends, query_block=qb)
   rng = np.random.default_rng(d)
   b, m, n, h, hd = 2, 3, 32, 2, 8
   q, k, v = (rng.standard_normal((b, m, n, h, hd), dtype=np.float32) for _ in range(3))
@@ -65,7 +66,7 @@ def test_dual_scope_attention_matches_dense_reference(d, ends):
   want = dense_dual_scope(q, k, v, t, cfg)
   mesh = parallel.make_mesh(d)
   frames = parallel.frame_context(mesh, cfg)
-  spec = P(None, None, parallel.FRAMES)
+  spec = P(None, parallel.FRAMES)  # the implementation's layout: [B, T, M, H, D]
   f = jax.jit(
     jax.shard_map(
       lambda q, k, v, t: dual_scope_attention(q, k, v, t, frames),
@@ -75,7 +76,7 @@ def test_dual_scope_attention_matches_dense_reference(d, ends):
       check_vma=False,
     )
   )
-  got = f(q, k, v, t)
+  got = f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v)), t).transpose(0, 2, 1, 3, 4)
   assert rel_err(got, want) <= RTOL
 
 
@@ -233,7 +234,7 @@ def test_official_attention_semantics_on_two_devices(t):
   cfg = TemporalConfig(attention="dual", window=8, num_global=16, group_norm="local", video_ends="zeros")
   mesh = parallel.make_mesh(2)
   frames = parallel.frame_context(mesh, cfg)
-  spec = P(None, None, parallel.FRAMES)
+  spec = P(None, parallel.FRAMES)  # [B, T, M, H, D]
   f = jax.jit(
     jax.shard_map(
       lambda q, k, v: dual_scope_attention(q, k, v, jnp.array([t]), frames),
@@ -243,7 +244,8 @@ def test_official_attention_semantics_on_two_devices(t):
       check_vma=False,
     )
   )
-  assert rel_err(f(q, k, v), want) <= RTOL
+  got = f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v))).transpose(0, 2, 1, 3, 4)
+  assert rel_err(got, want) <= RTOL
 
 
 def test_multi_host_equals_one_process(tmp_path):

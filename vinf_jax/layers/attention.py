@@ -18,11 +18,14 @@ AttnFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def resolve_implementation(impl: str, dtype) -> str:
-  """'auto' -> cuDNN's fused kernel for 16-bit compute on a GPU, else XLA's (float32, CPU)."""
+  """'auto' -> cuDNN's fused (flash) kernel for 16-bit compute on a GPU that has it (compute capability
+  8.0 or newer: A100, H100; not a T4), else XLA's (float32, CPU, older GPUs)."""
   if impl != "auto":
     return impl
-  on_gpu = jax.default_backend() == "gpu"
-  return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return "xla"
+  cc = getattr(jax.devices()[0], "compute_capability", "0")
+  return "cudnn" if float(cc) >= 8.0 else "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla") -> jax.Array:
@@ -102,85 +105,103 @@ class BasicTransformerBlock(nnx.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Temporal attention: every spatial position attends over frames. q/k/v: [B, M, T, H, D] with M = h*w
-# tokens of one frame and T the local frames; t: [B] timesteps (for the dual-scope phase bias).
+# Temporal attention: every spatial position attends over frames. q/k/v: [B, T, M, H, D] with T the local
+# frames and M = h*w positions (the activations' own frames-major layout: no transpose in or out); t: [B]
+# timesteps (for the dual-scope phase bias). Positions and heads are independent attention problems, so
+# they are folded into the heads axis of jax.nn.dot_product_attention's BTNH layout: N = M * H. That is
+# what lets cuDNN's fused kernel run the temporal attention as it runs the spatial one.
+
+# Logit bias of a key a query must not see (finite: exp of it is exactly 0 in float32, and it stays
+# finite in float16 and bfloat16, so no -inf - -inf can arise in a fused kernel's running maximum).
+MASKED = -3.0e4
 
 
-def temporal_attention(q: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array, frames: FrameContext) -> jax.Array:
+def temporal_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array, frames: FrameContext, *, implementation: str = "xla"
+) -> jax.Array:
   if frames.temporal.attention == "full":
-    return full_temporal_attention(q, k, v, frames)
-  return dual_scope_attention(q, k, v, t, frames)
+    return full_temporal_attention(q, k, v, frames, implementation=implementation)
+  return dual_scope_attention(q, k, v, t, frames, implementation=implementation)
 
 
-def full_temporal_attention(q, k, v, frames: FrameContext) -> jax.Array:
+def _heads_folded(x: jax.Array) -> jax.Array:
+  """[..., T, M, H, D] -> [..., T, M*H, D]."""
+  return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
+
+
+def full_temporal_attention(q, k, v, frames: FrameContext, *, implementation: str = "xla") -> jax.Array:
   """Exact attention over all frames of the video (K/V all-gathered when split over devices)."""
-  b, m, t, h, d = q.shape
-  k, v = frames.all_frames(k, axis=2), frames.all_frames(v, axis=2)
-  n = k.shape[2]
-  o = attention(q.reshape(b * m, t, h, d), k.reshape(b * m, n, h, d), v.reshape(b * m, n, h, d))
-  return o.reshape(b, m, t, h, d)
+  b, t, m, h, d = q.shape
+  k, v = frames.all_frames(k, axis=1), frames.all_frames(v, axis=1)
+  o = attention(_heads_folded(q), _heads_folded(k), _heads_folded(v), implementation=implementation)
+  return o.reshape(b, t, m, h, d)
 
 
 def query_block(local_frames: int, window: int, requested: int = 0) -> int:
-  """Frames per query block: the largest divisor of T not above max(32, 2P) (or the one requested)."""
+  """Frames per query block: the largest divisor of T not above max(64, 2P) (or the one requested).
+
+  A block of Q queries attends to its own Q + 2P local keys plus the G global ones: 64 keeps the keys
+  per query near the 64 x 128 tiles of the fused kernel (Q=64, P=8, G=16: 96 keys).
+  """
   if requested:
     if local_frames % requested:
       raise ValueError(f"query_block={requested} does not divide the {local_frames} frames per device")
     return requested
-  cap = max(32, 2 * window)
+  cap = max(64, 2 * window)
   return max(q for q in range(1, min(local_frames, cap) + 1) if local_frames % q == 0)
 
 
-def dual_scope_attention(q, k, v, t, frames: FrameContext) -> jax.Array:
+def dual_scope_bias(t: jax.Array, frames: FrameContext, local_frames: int, block: int, dtype) -> jax.Array:
+  """The additive logit bias [B, nb, Q, Q+2P+G] of every query block: MASKED outside the local window
+  (and, with ``video_ends='mask'``, beyond the video's ends), the timestep-phase biases elsewhere."""
+  cfg = frames.temporal
+  p, nb = cfg.window, local_frames // block
+  # key j of a block's window is visible to its query i iff i <= j <= i + 2P (|frame distance| <= P)
+  i, j = np.arange(block)[:, None], np.arange(block + 2 * p)[None]
+  visible = jnp.asarray(np.broadcast_to((j >= i) & (j <= i + 2 * p), (nb, block, block + 2 * p)))
+  if cfg.video_ends == "mask":
+    win = np.arange(nb)[:, None] * block + np.arange(block + 2 * p)[None]  # [nb, Q+2P] into the padded clip
+    pos = frames.frame_offset(local_frames) + jnp.asarray(win - p)  # video index of each window key
+    n = frames.total_frames(local_frames)
+    visible = visible & ((pos >= 0) & (pos < n))[:, None, :]
+  tb = jnp.asarray(t, jnp.float32).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
+  local_bias = jnp.where(tb < cfg.local_phase_below, cfg.local_bias, 0.0)
+  global_bias = jnp.where(tb >= cfg.global_phase_from, cfg.global_bias, 0.0)
+  local = jnp.where(visible[None], local_bias, MASKED)  # [B, nb, Q, Q+2P]
+  glob = jnp.broadcast_to(global_bias, (*local.shape[:3], cfg.num_global))
+  return jnp.concatenate([local, glob], axis=-1).astype(dtype)
+
+
+def dual_scope_attention(q, k, v, t, frames: FrameContext, *, implementation: str = "xla") -> jax.Array:
   """Video-Infinity's dual-scope attention (method notes, section 3), blocked along the query frames.
 
   Query frame i (video index) sees the local keys i-P..i+P (K/V halos from the neighbouring devices;
   beyond the video's ends zeros that stay unmasked, or masked with ``video_ends='mask'``) and the G
-  global keys at video indices k*N/G, in one softmax with the timestep-phase logit biases.
-  Queries are processed in blocks of Q frames, each against its own Q+2P local keys, so memory grows
-  linearly with the frames a device holds.
+  global keys at video indices k*N/G, in one softmax with the timestep-phase logit biases. Queries go in
+  blocks of Q frames, each block against its own Q+2P local keys and the G global ones, the rest masked
+  by the bias: one attention call (``implementation``: 'xla' or 'cudnn') whose memory grows linearly
+  with the frames a device holds.
   """
   cfg = frames.temporal
-  b, m, t_loc, h, d = q.shape
-  p = cfg.window
+  b, t_loc, m, h, d = q.shape
+  p, g = cfg.window, cfg.num_global
   n = frames.total_frames(t_loc)
-  scale = d**-0.5
-  f32 = jnp.float32
-
-  kl, kr = frames.halo(k, p, axis=2)
-  vl, vr = frames.halo(v, p, axis=2)
-  ke = jnp.concatenate([kl, k, kr], axis=2)  # [B, M, T+2P, H, D]
-  ve = jnp.concatenate([vl, v, vr], axis=2)
   qb_len = query_block(t_loc, p, cfg.query_block)
   nb = t_loc // qb_len
-  win = np.arange(nb)[:, None] * qb_len + np.arange(qb_len + 2 * p)[None]  # [nb, Q+2P] into ke
-  kw = jnp.take(ke, win, axis=2)  # [B, M, nb, Q+2P, H, D]
-  vw = jnp.take(ve, win, axis=2)
-  qb = q.reshape(b, m, nb, qb_len, h, d)
 
-  gpos = global_positions(n, cfg.num_global)
-  kg = frames.gather_frames(k, gpos, axis=2)  # [B, M, G, H, D]
-  vg = frames.gather_frames(v, gpos, axis=2)
+  def keys_of(x):  # [B, T, M, H, D] -> [B*nb, Q+2P+G, M*H, D]
+    left, right = frames.halo(x, p, axis=1)
+    xe = jnp.concatenate([left, x, right], axis=1)  # [B, T+2P, M, H, D]
+    if nb == 1:
+      xw = xe[:, None]
+    else:
+      win = np.arange(nb)[:, None] * qb_len + np.arange(qb_len + 2 * p)[None]  # [nb, Q+2P] into xe
+      xw = jnp.take(xe, win, axis=1)  # [B, nb, Q+2P, M, H, D]
+    xg = frames.gather_frames(x, global_positions(n, g), axis=1)  # [B, G, M, H, D]
+    xg = jnp.broadcast_to(xg[:, None], (b, nb, *xg.shape[1:]))
+    return _heads_folded(jnp.concatenate([xw, xg], axis=2)).reshape(b * nb, qb_len + 2 * p + g, m * h, d)
 
-  logits_l = jnp.einsum("bmnqhd,bmnkhd->bmnhqk", qb, kw, preferred_element_type=f32) * scale
-  logits_g = jnp.einsum("bmnqhd,bmghd->bmnhqg", qb, kg, preferred_element_type=f32) * scale
-
-  # key j of a block's window is visible to its query i iff i <= j <= i + 2P (|frame distance| <= P)
-  i, j = np.arange(qb_len)[:, None], np.arange(qb_len + 2 * p)[None]
-  visible = jnp.asarray(np.broadcast_to((j >= i) & (j <= i + 2 * p), (nb, qb_len, qb_len + 2 * p)))
-  if cfg.video_ends == "mask":
-    pos = frames.frame_offset(t_loc) + jnp.asarray(win - p)  # video index of each window key
-    inside = (pos >= 0) & (pos < n)
-    visible = visible & inside[:, None, :]
-
-  tb = jnp.asarray(t, f32).reshape(b, 1, 1, 1, 1, 1)
-  local_bias = jnp.where(tb < cfg.local_phase_below, cfg.local_bias, 0.0)
-  global_bias = jnp.where(tb >= cfg.global_phase_from, cfg.global_bias, 0.0)
-  logits_l = jnp.where(visible[None, None, :, None], logits_l + local_bias, -jnp.inf)
-  logits_g = logits_g + global_bias
-
-  probs = jax.nn.softmax(jnp.concatenate([logits_l, logits_g], axis=-1), axis=-1)
-  pl, pg = probs[..., : qb_len + 2 * p].astype(v.dtype), probs[..., qb_len + 2 * p :].astype(v.dtype)
-  o = jnp.einsum("bmnhqk,bmnkhd->bmnqhd", pl, vw, preferred_element_type=f32)
-  o = o + jnp.einsum("bmnhqg,bmghd->bmnqhd", pg, vg, preferred_element_type=f32)
-  return o.reshape(b, m, t_loc, h, d).astype(v.dtype)
+  bias = dual_scope_bias(t, frames, t_loc, qb_len, q.dtype).reshape(b * nb, 1, qb_len, qb_len + 2 * p + g)
+  qq = _heads_folded(q).reshape(b * nb, qb_len, m * h, d)
+  o = jax.nn.dot_product_attention(qq, keys_of(k), keys_of(v), bias=bias, implementation=implementation)
+  return o.reshape(b, t_loc, m, h, d)

@@ -107,12 +107,26 @@ class TemporalTransformer(nnx.Module):
   """GroupNorm (eps 1e-6, over the whole clip) -> proj_in -> two self-attentions over frames + FF.
 
   No position encoding. ``init_attn`` is one of these with an inner width (8 x 64 = 512) different
-  from its channels; its Conv1d projections are stored as Linear.
+  from its channels; its Conv1d projections are stored as Linear. Everything runs on the frames-major
+  tokens ``[B, T, H*W, C]`` (a reshape of the activations): the attention over frames takes that
+  layout as it is (see ``layers.attention``), so no transpose goes in or out.
   """
 
-  def __init__(self, ch: int, heads: int, dim_head: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    ch: int,
+    heads: int,
+    dim_head: int,
+    groups: int,
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    attention_impl: str = "xla",
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * dim_head
+    self.impl = attention_impl
     self.norm = GroupNorm(ch, groups, 1e-6, dtype=dtype, param_dtype=param_dtype)
     self.proj_in = nnx.Linear(ch, inner, **kw)
     self.transformer_blocks = nnx.List([BasicTransformerBlock(inner, heads, dim_head, None, self_only=True, **kw)])
@@ -134,19 +148,15 @@ class TemporalTransformer(nnx.Module):
     if chunks > 1:
       return self._chunked(x, t, frames, -(-m // chunks))
     h = self.norm(x, axes=(1, 2, 3), sum_fn=frames.sum_frames)  # statistics over the clip
-    h = h.transpose(0, 2, 3, 1, 4).reshape(b * m, tl, c)  # [B*HW, T, C]
-    h = self._mix_frames(h, t, frames, b, m).reshape(b, hh, ww, tl, c).transpose(0, 3, 1, 2, 4)
-    return x + h
+    h = self._mix_frames(h.reshape(b, tl, m, c), t, frames)
+    return x + h.reshape(x.shape)
 
-  def _mix_frames(self, h: jax.Array, t: jax.Array, frames: FrameContext, b: int, m: int) -> jax.Array:
-    """h: [B*M, T, C] normalised tokens of M positions -> [B*M, T, C] (proj_in, block, proj_out)."""
-    tl = h.shape[1]
+  def _mix_frames(self, h: jax.Array, t: jax.Array, frames: FrameContext) -> jax.Array:
+    """h: [B, T, M, C] normalised tokens of M positions -> [B, T, M, C] (proj_in, block, proj_out)."""
     h = self.proj_in(h)
 
-    def self_fn(q, k, v):  # [B*M, T, heads, d]
-      shp = (b, m, tl, *q.shape[2:])
-      o = temporal_attention(q.reshape(shp), k.reshape(shp), v.reshape(shp), t, frames)
-      return o.reshape(q.shape)
+    def self_fn(q, k, v):  # [B, T, M, heads, d]
+      return temporal_attention(q, k, v, t, frames, implementation=self.impl)
 
     for blk in self.transformer_blocks:
       h = blk(h, None, self_fn)
@@ -162,11 +172,7 @@ class TemporalTransformer(nnx.Module):
     inv = jax.lax.rsqrt(var + self.norm.epsilon)
 
     def body(xc):  # [B, T, P, C]: P positions of every local frame
-      p = xc.shape[2]
-      h = self.norm.normalize(xc, mean, inv)
-      h = h.transpose(0, 2, 1, 3).reshape(b * p, tl, c)  # [B*P, T, C]
-      h = self._mix_frames(h, t, frames, b, p).reshape(b, p, tl, c).transpose(0, 2, 1, 3)  # [B, T, P, C]
-      return xc + h
+      return xc + self._mix_frames(self.norm.normalize(xc, mean, inv), t, frames)
 
     y = map_chunks(body, [x.reshape(b, tl, hh * ww, c)], axis=2, chunk=positions)  # [B, T, HW, C]
     return y.reshape(x.shape)

@@ -43,11 +43,11 @@ class UNet3D(nnx.Module):
       return SpatialTransformer(ch, ch // hc, hc, cfg.context_dim, g, attention_impl=impl, **kw)
 
     def tt(ch):
-      return TemporalTransformer(ch, ch // hc, hc, g, **kw)
+      return TemporalTransformer(ch, ch // hc, hc, g, attention_impl=impl, **kw)
 
     self.time_embed = TimestepMLP(mc, ed, **kw)
     self.fps_embedding = TimestepMLP(mc, ed, **kw) if cfg.fps_cond else None
-    self.init_attn = nnx.List([TemporalTransformer(mc, cfg.init_attn_heads, hc, g, **kw)])
+    self.init_attn = nnx.List([TemporalTransformer(mc, cfg.init_attn_heads, hc, g, attention_impl=impl, **kw)])
 
     blocks = [[nnx.Conv(cfg.in_channels, mc, (3, 3), padding=((1, 1), (1, 1)), **kw)]]
     chans, ch = [mc], mc
