@@ -297,3 +297,32 @@ def test_cli_two_processes_equal_one(tmp_path):
     "single.json",
     "single.npy",
   ]
+
+
+def test_compile_only_fills_the_cache_and_writes_nothing(models, tmp_path):
+  """compile_only compiles the step and the decoder into the persistent cache, samples nothing, writes
+  nothing; the run after it loads both programs from the cache (no new entry) and makes the video."""
+  import jax
+
+  cache, out = tmp_path / "cache", tmp_path / "v.mp4"
+  models.compiled.clear()  # compile here, not reuse the module's programs
+  try:
+    r = pipeline.generate(
+      cfg(compile_only=True, compilation_cache_dir=str(cache), output=str(out)), models=models, log=quiet
+    )
+    assert r.frames is None and r.latents is None and r.output is None and r.steps_done == 0
+    assert not out.exists() and not os.path.exists(video_io.sidecar_path(str(out)))
+    tm = r.sidecar["timings_s"]
+    assert tm["compile"] > 0 and tm["decode_compile"] > 0 and "denoise" not in tm
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len([e for e in entries if "step" in e]) == 1, entries  # the guided step's program
+    models.compiled.clear()
+    done = pipeline.generate(cfg(compilation_cache_dir=str(cache), output=str(out)), models=models, log=quiet)
+    assert sorted(p.name for p in cache.iterdir()) == entries  # loaded, not compiled again
+    assert done.steps_done == 3 and video_io.read_video(str(out)).shape == (16, 64, 64, 3)
+  finally:  # the rest of the module compiles without a persistent cache, as before
+    from jax._src import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    models.compiled.clear()

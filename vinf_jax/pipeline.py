@@ -70,6 +70,8 @@ class GenerationConfig:
     resume: continue from the state saved in this directory.
     stop_after: run at most this many steps in this invocation, save state and stop (0 = run to the end).
     compilation_cache_dir: JAX's persistent compilation cache (empty = off).
+    compile_only: load the models and compile the step and decode programs (into the persistent cache,
+      when one is set), then stop: no sampling, no output.
   """
 
   prompts: tuple[str, ...] = ()
@@ -111,6 +113,7 @@ class GenerationConfig:
   resume: str = ""
   stop_after: int = 0
   compilation_cache_dir: str = ""
+  compile_only: bool = False
 
   def sampler_config(self) -> sampling.SamplerConfig:
     return sampling.SamplerConfig(
@@ -517,6 +520,17 @@ def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int):
 # Resumable state
 
 
+def _decoder(models: Models, mesh: jax.sharding.Mesh, latent_shape, chunk: int, x: jax.Array):
+  """(vae_params, compiled decode) for latents like ``x``, compiled once per (mesh, shape, chunk)."""
+  key = (tuple(mesh.devices.flat), latent_shape, chunk)
+  if models.compiled.get("decode_key") != key:
+    models.compiled.pop("decode", None)
+    vae_params, decode = make_decoder(models.vae, mesh, chunk)
+    decode_c = decode.lower(vae_params, x).compile(parallel.compiler_options())
+    models.compiled.update(decode_key=key, decode=(vae_params, decode_c))
+  return models.compiled["decode"]
+
+
 def _fingerprint(cfg: GenerationConfig) -> dict:
   """The settings a saved state depends on (a resumed run must match them all)."""
   keep = (
@@ -677,13 +691,22 @@ def generate(
 
   t = time.perf_counter()
   if step is None:
-    step = den.step.lower(den.params, state, ctx_c, ctx_u, fps, seed).compile()
+    step = den.step.lower(den.params, state, ctx_c, ctx_u, fps, seed).compile(parallel.compiler_options())
     models.compiled["step"] = (den, step)
   timings["compile"] = time.perf_counter() - t
   log(
     f"compiled the guided step in {timings['compile']:.1f} s "
     f"(load {timings['load']:.1f} s, text {timings['encode']:.1f} s)"
   )
+
+  if cfg.compile_only:
+    t = time.perf_counter()
+    _decoder(models, mesh, latent_shape, cfg.decode_chunk, state.x)
+    timings["decode_compile"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    log(f"compiled the decoder in {timings['decode_compile']:.1f} s; compile_only: stopping before the first step")
+    sidecar = {"settings": dataclasses.asdict(cfg) | {"dtype": plan.dtype, "model": mcfg.name}, "timings_s": timings}
+    return GenerationResult(None, None, None, sidecar, start, num_steps)
 
   end = num_steps if not cfg.stop_after else min(num_steps, start + cfg.stop_after)
   t0 = time.perf_counter()
@@ -726,12 +749,7 @@ def generate(
     return GenerationResult(None, None, None, sidecar, end, num_steps)
 
   t = time.perf_counter()
-  key = (tuple(mesh.devices.flat), latent_shape, cfg.decode_chunk)
-  if models.compiled.get("decode_key") != key:
-    models.compiled.pop("decode", None)
-    vae_params, decode = make_decoder(models.vae, mesh, cfg.decode_chunk)
-    models.compiled.update(decode_key=key, decode=(vae_params, decode.lower(vae_params, state.x).compile()))
-  vae_params, decode_c = models.compiled["decode"]
+  vae_params, decode_c = _decoder(models, mesh, latent_shape, cfg.decode_chunk, state.x)
   timings["decode_compile"] = time.perf_counter() - t
   t = time.perf_counter()
   video = decode_c(vae_params, state.x)

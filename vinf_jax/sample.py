@@ -130,6 +130,12 @@ flags.DEFINE_string(
   "JAX persistent compilation cache directory (empty = off).",
   flag_values=F,
 )
+flags.DEFINE_bool(
+  "compile_only",
+  _D.compile_only,
+  "Load and compile the step and decode programs (into --compilation_cache_dir), then stop: warms the cache.",
+  flag_values=F,
+)
 # Outputs
 flags.DEFINE_string(
   "output", "outputs/video.mp4", "Video path: .mp4, .gif, or a directory (no suffix) of PNG frames.", flag_values=F

@@ -109,8 +109,18 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0) -> str:
   with atomic_path(path) as tmp, _quiet_fork():
     if kind == "mp4":
       # macro_block_size 1: keep the exact size (imageio would otherwise resize to multiples of 16).
+      # quality 8 is x264's crf 10; preset veryfast encodes ~3x faster than x264's default (medium) at
+      # about the same size here (200 noise-like 320x512 frames: 1.7 s and 28.5 MB against 4.9 s and
+      # 29.5 MB on 2 CPU cores); a 1,152-frame video took 12 s to encode with medium on the GPU host.
       with imageio.get_writer(
-        tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8, macro_block_size=1
+        tmp,
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        quality=8,
+        macro_block_size=1,
+        output_params=["-preset", "veryfast"],
       ) as w:
         for f in frames:
           w.append_data(f)
