@@ -126,6 +126,14 @@ flags.DEFINE_list(
   flag_values=FV,
 )
 flags.DEFINE_string(
+  "trace_dir",
+  "",
+  "Also trace --trace_steps steps of each (D, F) run with jax.profiler into TRACE_DIR/D<d>_F<f> and add "
+  "benchmarks/trace_summary's figures (GPU kernel time by kind, communication) to the run's record.",
+  flag_values=FV,
+)
+flags.DEFINE_integer("trace_steps", 2, "Steps in each --trace_dir trace.", flag_values=FV)
+flags.DEFINE_string(
   "compilation_cache",
   "",
   "jax persistent compilation cache directory ('' for none; compile times then "
@@ -163,6 +171,8 @@ class BenchConfig:
   torch_timeout_s: int
   compilation_cache: str
   time_budget_s: float = 0.0
+  trace_dir: str = ""
+  trace_steps: int = 2
   compiler_options: tuple[tuple[str, object], ...] = ()
 
   @property
@@ -188,6 +198,8 @@ def config_from_flags(fv: flags.FlagValues) -> BenchConfig:
     e.append(f"--steps={fv.steps}, expected >= 1")
   if any(d < 1 for d in ints["devices"]):
     e.append(f"--devices={fv.devices}, expected counts >= 1")
+  if fv.trace_steps < 1:
+    e.append(f"--trace_steps={fv.trace_steps}, expected >= 1")
   if fv.max_frames_step < 1:
     e.append(f"--max_frames_step={fv.max_frames_step}, expected >= 1")
   if fv.frame_chunk and "frame_chunk" not in inspect.signature(parallel.make_denoiser).parameters:
@@ -231,6 +243,8 @@ def config_from_flags(fv: flags.FlagValues) -> BenchConfig:
     torch_timeout_s=fv.torch_timeout_s,
     compilation_cache=fv.compilation_cache,
     time_budget_s=fv.time_budget_s,
+    trace_dir=fv.trace_dir,
+    trace_steps=fv.trace_steps,
     compiler_options=tuple(options),
   )
 
@@ -418,6 +432,8 @@ def run_config(model, bc: BenchConfig, d: int, f: int, steps: int, plan) -> dict
     rec["step_ms_all"] = [1e3 * t for t in ts]
     rec["ms_per_step"] = float(np.median(rec["step_ms_all"]))
     rec["ms_per_frame_step"] = rec["ms_per_step"] / f
+    if bc.trace_dir:
+      rec["trace"] = trace_steps(one_step, restart_if_done, bc, d, f)
     x = np.asarray(jax.device_get(state.x.addressable_shards[0].data), np.float32)
     rec["finite"] = bool(np.isfinite(x).all())
     # peak of the mesh's last device: with device counts run in ascending order it held nothing before
@@ -434,6 +450,26 @@ def run_config(model, bc: BenchConfig, d: int, f: int, steps: int, plan) -> dict
     gc.collect()
     rec["wall_s"] = time.perf_counter() - t_start
   return rec
+
+
+def trace_steps(one_step, restart_if_done, bc: BenchConfig, d: int, f: int) -> dict:
+  """Trace ``bc.trace_steps`` steps into TRACE_DIR/D<d>_F<f>; their summary (benchmarks/trace_summary)."""
+  from benchmarks import trace_summary
+
+  path = pathlib.Path(bc.trace_dir) / f"D{d}_F{f}"
+  restart_if_done()
+  with jax.profiler.trace(str(path), create_perfetto_trace=True):
+    for _ in range(bc.trace_steps):
+      restart_if_done()
+      jax.block_until_ready(one_step())
+  try:
+    trace = trace_summary.find_trace(path)
+    summary = trace_summary.summarize(trace_summary.load_events(trace), bc.trace_steps)
+  except (OSError, ValueError, KeyError) as err:  # a trace that cannot be read is reported, not fatal
+    return {"path": str(path), "error": f"{type(err).__name__}: {err}"}
+  if summary:
+    print(trace_summary.format_summary({k: summary[k] for k in list(summary)[:1]}, top=8), flush=True)
+  return {"path": str(trace), "steps": bc.trace_steps, "devices": summary}
 
 
 def search_max_frames(
@@ -660,6 +696,11 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
     jax.config.update("jax_compilation_cache_dir", bc.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
+  if not bc.devices:  # --devices= : the PyTorch baseline alone (run beside the JAX runs, on another GPU)
+    save()
+    print(format_table(res))
+    return res
+
   dev = jax.devices()[0]
   meta = res["meta"]
   meta.update(
@@ -752,6 +793,12 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
 def format_table(res: dict) -> str:
   """The human-readable summary printed at the end."""
   m = res["meta"]
+  if "device_kind" not in m:  # no JAX runs (--devices=): the baseline only
+    return "\n".join(
+      f"torch baseline ({b['mode']}): "
+      + (b.get("error") or ", ".join(f"F={r['frames']} {r['ms_per_frame_step']:.2f} ms/frame-step" for r in b["rows"]))
+      for b in res.get("torch_baseline", [])
+    )
   t = m["temporal"]
   att = f"dual P={t['window']} G={t['num_global']}" if t["attention"] == "dual" else "full"
   lines = [

@@ -50,11 +50,14 @@ COLUMNS = {
     "card",
     "D",
     "frames",
-    "resolution",
     "steps",
+    "load s",
+    "compile s",
+    "encode s",
     "denoise s",
     "decode s",
-    "total s",
+    "write s",
+    "excl. compile s",
     "command",
   ],
 }
@@ -128,7 +131,11 @@ def render(results_md: str | pathlib.Path = RESULTS_MD) -> str:
   step = t[STEP]
   if step:
     newest = max(r["date"] for r in step)
-    rows = sorted((r for r in step if r["date"] == newest), key=lambda r: (r["card"], int(r["D"]), int(r["F"])))
+    # the plain step (no --frame_chunk: chunked rows measure the memory mode, and stay in RESULTS.md)
+    rows = sorted(
+      (r for r in step if r["date"] == newest and "--frame_chunk" not in r["command"]),
+      key=lambda r: (r["card"], int(r["D"]), int(r["F"])),
+    )
     lines += [
       f"One guided denoising step of the full-size UNet at 320x512 (measured {newest}; "
       "[benchmarks/RESULTS.md](benchmarks/RESULTS.md) has every figure with its command):",
@@ -149,7 +156,19 @@ def render(results_md: str | pathlib.Path = RESULTS_MD) -> str:
     )
   if t[MAX]:
     r = max(t[MAX], key=lambda r: r["date"])
-    notes.append(f"Largest frame count one {r['card']} holds ({r['attention']} attention): {r['fits']}.")
+    least = "at least " if r["fails"] == NONE_FAILED else ""
+    notes.append(f"Largest frame count one {r['card']} holds ({r['attention']} attention): {least}{r['fits']}.")
+  if t[VIDEO]:
+    newest = max(r["date"] for r in t[VIDEO])
+    vids = [r for r in t[VIDEO] if r["date"] == newest]
+    notes.append(
+      "Text to written video, 320x512, 30 steps, excluding compilation (compile cold): "
+      + ", ".join(
+        f"{r['frames']} frames on {r['D']} x {r['card']} in {r['excl. compile s']} s ({r['compile s']} s)"
+        for r in vids[-2:]
+      )
+      + "."
+    )
   if notes:
     lines += ["", *notes]
   return "\n".join(lines)
@@ -187,13 +206,33 @@ def _f(v, spec: str, scale: float = 1.0) -> str:
   return "-" if v is None else format(v * scale, spec)
 
 
-def rows_from_json(res: dict) -> dict[str, list[str]]:
-  """RESULTS.md rows (markdown lines) of one ``bench_step`` JSON, per section."""
+def torch_baselines(results: Sequence[dict]) -> list[dict]:
+  """The PyTorch baseline runs of bench_step JSONs of one call, each marked with its file's command."""
+  return [b | {"in": r["meta"]["command"]} for r in results for b in r.get("torch_baseline", []) if b.get("rows")]
+
+
+def rows_from_json(res: dict, baselines: Sequence[dict] | None = None) -> dict[str, list[str]]:
+  """RESULTS.md rows (markdown lines) of one ``bench_step`` JSON, per section.
+
+  ``baselines``: PyTorch baseline runs of the same call (:func:`torch_baselines` of its JSONs); default
+  the file's own. A ratio from another file of the call (the baseline run on another GPU of the machine
+  while this file's runs went on) is marked with a star.
+  """
   m = res["meta"]
+  if res.get("skipped") or "device_kind" not in m:
+    return {STEP: [], WEAK: [], MAX: []}  # a baseline-only file: its figures show up as ratios
   date, card, cmd = m["date"][:10], m["device_kind"], f"`{m['command']}`"
   ratios: dict[int, list[str]] = {}
-  for r in res.get("torch_ratio", []):
-    ratios.setdefault(r["frames"], []).append(f"{r['mode']} {r['ratio']:.2f}x")
+  if baselines is None:
+    baselines = torch_baselines([res])
+  ours = {r["frames_per_device"]: r["ms_per_frame_step"] for r in res["runs"] if r["ok"] and r["devices"] == 1}
+  for b in baselines:
+    for row in b["rows"]:
+      if row["frames"] in ours:
+        star = "" if b["in"] == m["command"] else "*"
+        ratios.setdefault(row["frames"], []).append(
+          f"{b['mode']}{star} {row['ms_per_frame_step'] / ours[row['frames']]:.2f}x"
+        )
   out = {STEP: [], WEAK: [], MAX: []}
   for r in res["runs"]:
     if not r["ok"]:
@@ -236,8 +275,80 @@ def rows_from_json(res: dict) -> dict[str, list[str]]:
   mf = res.get("max_frames")
   if mf and "error" not in mf:
     att = m["temporal"]["attention"]
-    out[MAX].append(_row([date, card, att, mf["largest_fit"] or "-", mf["smallest_fail"] or "-", mf["complete"], cmd]))
+    fails = mf["smallest_fail"] or NONE_FAILED
+    out[MAX].append(_row([date, card, att, mf["largest_fit"] or "-", fails, mf["complete"], cmd]))
   return out
+
+
+NONE_FAILED = "none up to the search limit"
+
+
+def rows_from_video_json(res: dict) -> list[str]:
+  """The RESULTS.md video row of one ``bench_video --json`` file (a ``--compile_only`` run has none)."""
+  if res.get("compile_only"):
+    return []
+  tm = res["timings_s"]
+  cmd = "`python -m benchmarks.bench_video " + " ".join(res["command"].split()[1:]) + "`"
+  return [
+    _row(
+      [
+        res["date"],
+        res["devices"]["kind"],
+        res["devices"]["count"],
+        res["frames"],
+        round(tm["denoise"] / res["ms_per_frame_step"] * 1e3 / res["frames"]),
+        f"{tm['load']:.1f}",
+        f"{res['compile_s']:.1f}",
+        f"{tm['encode']:.1f}",
+        f"{tm['denoise']:.1f}",
+        f"{tm['decode']:.1f}",
+        f"{tm['write']:.1f}",
+        f"{res['excluding_compile_s']:.1f}",
+        cmd,
+      ]
+    )
+  ]
+
+
+def weak_scaling_across(results: Sequence[dict]) -> list[str]:
+  """Weak-scaling rows pairing runs of different bench_step JSONs of one call (same card and settings):
+  one process per device count run side by side on disjoint GPUs of one machine. t1 is the one-device
+  time at F frames, tD the D-device time at F frames per device."""
+
+  def key(res):
+    m = res["meta"]
+    return (m["device_kind"], json.dumps(m["temporal"], sort_keys=True), m["frame_chunk"], m["unet"]["dtype"])
+
+  ones = {}
+  for res in results:
+    for r in res["runs"]:
+      if r["ok"] and r["devices"] == 1:
+        ones[(key(res), r["frames_per_device"])] = (r, res)
+  rows = []
+  for res in results:
+    for r in res["runs"]:
+      one = ones.get((key(res), r["frames_per_device"]))
+      if not r["ok"] or r["devices"] == 1 or one is None or one[1] is res:
+        continue  # same-file pairs are in that file's own weak-scaling rows
+      r1, res1 = one
+      cmd = f"`{res1['meta']['command']}` and `{res['meta']['command']}`"
+      eff = r1["ms_per_step"] / r["ms_per_step"]
+      m = res["meta"]
+      rows.append(
+        _row(
+          [
+            m["date"][:10],
+            m["device_kind"],
+            r["frames_per_device"],
+            r["devices"],
+            f"{r1['ms_per_step']:.1f}",
+            f"{r['ms_per_step']:.1f}",
+            f"{eff:.1%}",
+            cmd,
+          ]
+        )
+      )
+  return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   g = ap.add_mutually_exclusive_group()
   g.add_argument("--check", metavar="README", help="fail when README's results block differs from render()")
   g.add_argument("--write", metavar="README", help="rewrite README's results block")
-  g.add_argument("--rows", metavar="JSON", nargs="+", help="print RESULTS.md rows for bench_step JSON files")
+  g.add_argument(
+    "--rows", metavar="JSON", nargs="+", help="print RESULTS.md rows for bench_step / bench_video JSON files of a call"
+  )
   ap.add_argument("--results", default=str(RESULTS_MD), help="the RESULTS.md to render")
   a = ap.parse_args(argv)
   try:
@@ -259,10 +372,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.write:
       write(a.write, a.results)
     elif a.rows:
-      for path in a.rows:
-        for section, rows in rows_from_json(json.loads(pathlib.Path(path).read_text())).items():
+      results = [json.loads(pathlib.Path(path).read_text()) for path in a.rows]
+      baselines = torch_baselines([r for r in results if "meta" in r])
+      videos = [(p, r) for p, r in zip(a.rows, results, strict=True) if "timings_s" in r]
+      results = [r for r in results if "timings_s" not in r]
+      for path, res in videos:
+        rows = rows_from_video_json(res)
+        if rows:
+          print(f"## {VIDEO}  ({path})\n" + "\n".join(rows) + "\n")
+      for path, res in zip([p for p in a.rows if p not in dict(videos)], results, strict=True):
+        for section, rows in rows_from_json(res, baselines).items():
           if rows:
             print(f"## {section}  ({path})\n" + "\n".join(rows) + "\n")
+      across = weak_scaling_across(results)
+      if across:
+        print(f"## {WEAK}  (across the files)\n" + "\n".join(across) + "\n")
     else:
       print(render(a.results))
   except (ValueError, OSError) as e:

@@ -34,7 +34,8 @@ SMOKE_ARGS = [
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench_step.json"
-  assert bench_step.main(["bench_step", *SMOKE_ARGS, f"--out={out}"]) == 0
+  trace = out.parent / "trace"
+  assert bench_step.main(["bench_step", *SMOKE_ARGS, f"--out={out}", f"--trace_dir={trace}"]) == 0
   return json.loads(out.read_text())
 
 
@@ -70,6 +71,9 @@ def test_bench_step_smoke(smoke):
     peak = r["memory"]["peak_bytes"]
     assert peak is None or peak > 0  # None on CPU
     assert r["xla_memory"] is None or r["xla_memory"]["total_bytes"] > 0
+    # the trace was written (on CPU it holds no GPU device, so the summary has no device)
+    assert r["trace"]["path"].endswith("perfetto_trace.json.gz") and f"D{r['devices']}_F{F}" in r["trace"]["path"]
+    assert r["trace"]["steps"] == 2 and r["trace"]["devices"] == {}
   # the multi-device program recomputes the temporal conv halo: more work per device than one device
   assert runs[1]["flops_analytic_executed"] > runs[0]["flops_analytic_executed"]
 
@@ -249,15 +253,43 @@ def test_flag_errors(monkeypatch, capsys):
 
 
 def test_results_table(smoke, tmp_path, monkeypatch):
-  assert "No GPU figures" in results_table.render()  # the committed template renders
+  assert "| NVIDIA H" in results_table.render()  # the committed record renders
+  # the committed file with its rows taken out: the template a first figure goes into
+  empty, sep = [], False
+  for line in results_table.RESULTS_MD.read_text().splitlines():
+    if sep and line.startswith("|"):
+      continue
+    sep = line.startswith("|---")
+    empty.append(line)
+  (tmp_path / "empty.md").write_text("\n".join(empty) + "\n")
+  assert "No GPU figures" in results_table.render(tmp_path / "empty.md")
   # rows made from a bench_step JSON go back into RESULTS.md and render
   fake = json.loads(json.dumps(smoke))
   fake["meta"]["device_kind"] = "NVIDIA H100 80GB HBM3"
   fake["max_frames"] = {"largest_fit": 896, "smallest_fail": 960, "complete": True}
-  fake["torch_ratio"] = [{"frames": F, "mode": "eager", "ratio": 2.5}]
+  ours = next(r["ms_per_frame_step"] for r in fake["runs"] if r["devices"] == 1)
+  fake["torch_baseline"] = [{"mode": "eager", "rows": [{"frames": F, "ms_per_frame_step": 2.5 * ours}]}]
   rows = results_table.rows_from_json(fake)
   assert len(rows[results_table.STEP]) == 2 and len(rows[results_table.WEAK]) == 1 and len(rows[results_table.MAX]) == 1
-  text = results_table.RESULTS_MD.read_text()
+  # files of one call: a baseline-only file (another GPU of the machine) and a D=2 file
+  side = {"meta": {"command": "python -m benchmarks.bench_step --devices="}, "runs": []}
+  side["torch_baseline"] = [{"mode": "compile", "rows": [{"frames": F, "ms_per_frame_step": 1.5 * ours}]}]
+  two = json.loads(json.dumps(fake))
+  two["meta"]["command"] += " --devices=2"
+  two["runs"] = [r for r in two["runs"] if r["devices"] == 2]
+  one = json.loads(json.dumps(fake))
+  one["runs"] = [r for r in one["runs"] if r["devices"] == 1]
+  base = results_table.torch_baselines([one, side, two])
+  assert "eager 2.50x, compile* 1.50x" in results_table.rows_from_json(one, base)[results_table.STEP][0]
+  assert results_table.rows_from_json(side, base) == {
+    results_table.STEP: [],
+    results_table.WEAK: [],
+    results_table.MAX: [],
+  }
+  (across,) = results_table.weak_scaling_across([one, side, two])
+  t1, t2 = one["runs"][0]["ms_per_step"], two["runs"][0]["ms_per_step"]
+  assert f"| {t1:.1f} | {t2:.1f} | {t1 / t2:.1%} |" in across and "--devices=2" in across
+  text = (tmp_path / "empty.md").read_text()
   for section, lines in rows.items():
     head = f"## {section}"
     sep = "|---" * len(results_table.COLUMNS[section]) + "|"
@@ -279,3 +311,64 @@ def test_results_table(smoke, tmp_path, monkeypatch):
   assert results_table.main(["--check", str(readme)]) == 1
   monkeypatch.setattr(sys, "argv", ["results_table"])
   assert results_table.main([]) == 0
+
+
+def test_trace_summary(tmp_path):
+  """Kernel time by kind, busy time and exposed communication from a GPU-shaped perfetto trace."""
+  import gzip
+
+  from benchmarks import trace_summary
+
+  def meta(pid, name, tid=None):
+    e = {"ph": "M", "pid": pid, "name": "thread_name" if tid else "process_name", "args": {"name": name}}
+    return e | ({"tid": tid} if tid else {})
+
+  def kern(pid, tid, name, ts, dur):
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+  events = [
+    meta(1, "/host:CPU"),
+    meta(7, "/device:GPU:0"),
+    meta(7, "Stream #13(compute)", tid=13),
+    meta(7, "Stream #14(nccl)", tid=14),
+    meta(7, "XLA Ops", tid=2),
+    kern(1, 5, "PjitFunction(step)", 0, 1000),  # host: not counted
+    kern(7, 2, "fusion.1", 0, 400),  # a derived line: not counted
+    kern(7, 13, "sm90_xmma_gemm_bf16bf16_bf16f32", 0, 100),
+    kern(7, 13, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 100, 50),
+    kern(7, 13, "loop_add_fusion", 150, 30),
+    kern(7, 14, "ncclDevKernel_SendRecv", 120, 100),  # 70 us under compute, 40 us alone... up to 220
+    kern(7, 13, "input_reduce_fusion", 240, 20),
+  ]
+  p = tmp_path / "plugins" / "profile" / "x" / "perfetto_trace.json.gz"
+  p.parent.mkdir(parents=True)
+  with gzip.open(p, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  s = trace_summary.summarize(trace_summary.load_events(tmp_path), steps=2)
+  assert list(s) == ["/device:GPU:0"]
+  g = s["/device:GPU:0"]
+  ms = 1e-3 / 2
+  assert g["by_kind_ms"] == pytest.approx(
+    {"matmul": 100 * ms, "attention": 50 * ms, "other": 30 * ms, "comm": 100 * ms, "reduce": 20 * ms}
+  )
+  assert g["kernels"] == 2.5
+  assert g["kernel_ms"] == pytest.approx(300 * ms)
+  assert g["busy_ms"] == pytest.approx(240 * ms)  # [0, 220] and [240, 260]
+  assert g["span_ms"] == pytest.approx(260 * ms)
+  assert g["comm_ms"] == pytest.approx(100 * ms)
+  assert g["comm_exposed_ms"] == pytest.approx(40 * ms)  # [180, 220]: nothing else ran
+  assert g["top"][0]["name"].startswith("sm90_xmma_gemm") and g["top"][0]["count"] == 0.5
+  assert "exposed 0.0" in trace_summary.format_summary(s)
+  assert trace_summary.main([str(p), "--steps", "2", "--json", str(tmp_path / "s.json")]) == 0
+  assert json.loads((tmp_path / "s.json").read_text())["/device:GPU:0"]["busy_ms"] == pytest.approx(240 * ms)
+
+
+def test_attention_check_logic():
+  """The GPU check's arithmetic on CPU, with XLA standing in for cuDNN: identical paths agree exactly, and
+  bf16 attention lands within the check's bound of the float32 result (four query blocks, masked ends)."""
+  from benchmarks import attention_check
+
+  r = attention_check.check(256, 4, 2, "dual", "mask", 300.0, seed=0, fast="xla")
+  assert r["ok"] and r["finite"] and r["err_cudnn_vs_xla"] == 0.0
+  assert 0 < r["err_cudnn_vs_f32"] <= attention_check.BF16_TOL and r["ms_cudnn"] > 0
+  assert attention_check.main([]) == 0  # CPU: nothing to check, says so

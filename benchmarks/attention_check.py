@@ -1,0 +1,128 @@
+r"""GPU check of the temporal attention's cuDNN path: agreement with the XLA path and a float32 reference, and time.
+
+  python -m benchmarks.attention_check [--json out.json]
+
+At the UNet's real shapes (batch 2, 40x64 latent = 2,560 positions with 5 heads of 64, and the 16x wider
+levels' 160 positions with 20 heads), one device, bfloat16 inputs: ``dual_scope_attention`` and
+``full_temporal_attention`` with ``implementation='cudnn'`` against the same function with 'xla' and
+against the XLA path in float32 on the same (bf16-rounded) inputs. Relative error is
+``max|a - b| / max|b|``; bf16 attention lands near 1e-2 of the float32 result at most (the bound the
+project uses for bf16, fixed before the run). Both t phases (global phase t >= 800, local phase below)
+and both ``video_ends`` modes are covered. Also the median time of each path. CPU: exits with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+if __package__ in (None, ""):
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vinf_jax.config import TemporalConfig
+from vinf_jax.layers import attention as att
+from vinf_jax.parallel import FrameContext
+
+BF16_TOL = 1e-2  # bf16 inputs and probabilities: ~3 significant digits
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def median_ms(fn, *args, reps: int = 10) -> float:
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(ts))
+
+
+def check(
+  frames: int, positions: int, heads: int, mode: str, ends: str, t: float, seed: int, fast: str = "cudnn"
+) -> dict:
+  """One case: ``fast`` (the implementation under test) against XLA in bf16 and in float32."""
+  cfg = TemporalConfig(attention=mode, window=8, num_global=16, video_ends=ends)
+  ctx = FrameContext(cfg)
+  rng = np.random.default_rng(seed)
+  shape = (2, frames, positions, heads, 64)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16) for _ in range(3))
+  tt = jnp.full((2,), t, jnp.float32)
+
+  def fn(impl):
+    return jax.jit(lambda q, k, v, tt: att.temporal_attention(q, k, v, tt, ctx, implementation=impl))
+
+  cudnn, xla = fn(fast), fn("xla")
+  o_cudnn = cudnn(q, k, v, tt)
+  o_xla = xla(q, k, v, tt)
+  o_ref = xla(*(x.astype(jnp.float32) for x in (q, k, v)), tt)
+  rec = {
+    "frames": frames,
+    "positions": positions,
+    "heads": heads,
+    "attention": mode,
+    "video_ends": ends,
+    "t": t,
+    "err_cudnn_vs_f32": rel_err(o_cudnn, o_ref),
+    "err_xla_vs_f32": rel_err(o_xla, o_ref),
+    "err_cudnn_vs_xla": rel_err(o_cudnn, o_xla),
+    "finite": bool(np.isfinite(np.asarray(o_cudnn, np.float32)).all()),
+    "ms_cudnn": median_ms(cudnn, q, k, v, tt),
+    "ms_xla": median_ms(xla, q, k, v, tt),
+  }
+  rec["ok"] = rec["finite"] and rec["err_cudnn_vs_f32"] <= BF16_TOL
+  return rec
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--json", default="")
+  a = ap.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    print("attention_check: no GPU (cuDNN's fused attention runs on GPUs only); nothing to check")
+    return 0
+  cases = [
+    (64, 2560, 5, "dual", "zeros", 900.0),
+    (64, 2560, 5, "dual", "zeros", 300.0),
+    (64, 2560, 5, "dual", "mask", 300.0),
+    (256, 160, 20, "dual", "zeros", 900.0),  # four query blocks
+    (256, 160, 20, "dual", "mask", 300.0),
+    (64, 640, 10, "full", "zeros", 900.0),
+  ]
+  recs = []
+  for i, c in enumerate(cases):
+    try:
+      r = check(*c, seed=i)
+    except Exception as err:  # noqa: BLE001 - a failing case is a result
+      r = dict(zip(("frames", "positions", "heads", "attention", "video_ends", "t"), c, strict=True))
+      r.update(ok=False, error=f"{type(err).__name__}: {err}"[:1500])
+    recs.append(r)
+    if "error" in r:
+      print(f"{c}: ERROR {r['error'][:400]}", flush=True)
+    else:
+      print(
+        f"{c}: cudnn vs f32 {r['err_cudnn_vs_f32']:.2e}, xla(bf16) vs f32 {r['err_xla_vs_f32']:.2e}, "
+        f"cudnn vs xla {r['err_cudnn_vs_xla']:.2e}; {r['ms_cudnn']:.3f} ms cudnn, {r['ms_xla']:.3f} ms xla "
+        f"{'ok' if r['ok'] else 'FAIL'}",
+        flush=True,
+      )
+  out = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "tol": BF16_TOL, "cases": recs}
+  if a.json:
+    pathlib.Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+  ok = all(r["ok"] for r in recs)
+  print("attention_check:", "all ok" if ok else "FAILED")
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
