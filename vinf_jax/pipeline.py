@@ -516,10 +516,6 @@ def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int):
   return params, fn
 
 
-# ------------------------------------------------------------------------------------------------
-# Resumable state
-
-
 def _decoder(models: Models, mesh: jax.sharding.Mesh, latent_shape, chunk: int, x: jax.Array):
   """(vae_params, compiled decode) for latents like ``x``, compiled once per (mesh, shape, chunk)."""
   key = (tuple(mesh.devices.flat), latent_shape, chunk)
@@ -529,6 +525,10 @@ def _decoder(models: Models, mesh: jax.sharding.Mesh, latent_shape, chunk: int, 
     decode_c = decode.lower(vae_params, x).compile(parallel.compiler_options())
     models.compiled.update(decode_key=key, decode=(vae_params, decode_c))
   return models.compiled["decode"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumable state
 
 
 def _fingerprint(cfg: GenerationConfig) -> dict:
