@@ -217,36 +217,16 @@ def config_from_flags(fv: flags.FlagValues) -> BenchConfig:
   if e:
     raise ValueError("invalid flags:\n  - " + "\n  - ".join(e))
   temporal = TemporalConfig(attention=fv.attention, window=fv.window, num_global=fv.num_global).validate()
-  return BenchConfig(
+  derived = dict(
     unet=dataclasses.replace(preset(fv.preset).unet, dtype=fv.dtype, param_dtype=fv.dtype),
-    preset=fv.preset,
-    height=fv.height,
-    width=fv.width,
-    frames=ints["frames"],
-    devices=ints["devices"],
-    steps=fv.steps,
     temporal=temporal,
-    frame_chunk=fv.frame_chunk,
     sampler=sampling.SamplerConfig(name=fv.sampler, steps=fv.sampling_steps, guidance=fv.guidance),
-    matmul_size=fv.matmul_size,
-    matmul_iters=fv.matmul_iters,
-    out=fv.out,
-    seed=fv.seed,
-    find_max_frames=fv.find_max_frames,
-    max_frames_step=fv.max_frames_step,
-    max_frames_limit=fv.max_frames_limit,
-    max_frames_budget_s=fv.max_frames_budget_s,
-    torch_baseline=fv.torch_baseline,
-    torch_frames=ints["torch_frames"],
-    torch_compile=fv.torch_compile,
-    torch_dtype=fv.torch_dtype,
-    torch_timeout_s=fv.torch_timeout_s,
-    compilation_cache=fv.compilation_cache,
-    time_budget_s=fv.time_budget_s,
-    trace_dir=fv.trace_dir,
-    trace_steps=fv.trace_steps,
     compiler_options=tuple(options),
+    **ints,
   )
+  # every other field is the flag of its name
+  plain = {f.name: getattr(fv, f.name) for f in dataclasses.fields(BenchConfig) if f.name not in derived}
+  return BenchConfig(**derived, **plain)
 
 
 def _option_value(v: str):

@@ -74,11 +74,8 @@ def main(argv):
   compile_s = tm["compile"] + tm["decode_compile"]
   out = {
     "frames": cfg.frames,
-    "devices": {
-      "count": jax.device_count() if not cfg.num_devices else cfg.num_devices,
-      "kind": jax.devices()[0].device_kind,
-    },
-    "versions": result.sidecar.get("versions"),
+    "devices": result.sidecar["devices"],
+    "versions": result.sidecar["versions"],
     "date": time.strftime("%Y-%m-%d"),
     "command": " ".join(sys.argv),
     "compile_only": cfg.compile_only,

@@ -699,13 +699,28 @@ def generate(
     f"(load {timings['load']:.1f} s, text {timings['encode']:.1f} s)"
   )
 
+  sidecar = {
+    "prompts": prompts,
+    "negative_prompt": cfg.negative_prompt,
+    "seed": cfg.seed,
+    "settings": dataclasses.asdict(cfg) | {"dtype": plan.dtype, "model": mcfg.name},
+    "model": json.loads(mcfg.to_json()),
+    "devices": {
+      "count": d,
+      "processes": jax.process_count(),
+      "platform": jax.default_backend(),
+      "kind": jax.devices()[0].device_kind,
+    },
+    "versions": _versions(),
+    "timings_s": timings,
+  }
+
   if cfg.compile_only:
     t = time.perf_counter()
     _decoder(models, mesh, latent_shape, cfg.decode_chunk, state.x)
     timings["decode_compile"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     log(f"compiled the decoder in {timings['decode_compile']:.1f} s; compile_only: stopping before the first step")
-    sidecar = {"settings": dataclasses.asdict(cfg) | {"dtype": plan.dtype, "model": mcfg.name}, "timings_s": timings}
     return GenerationResult(None, None, None, sidecar, start, num_steps)
 
   end = num_steps if not cfg.stop_after else min(num_steps, start + cfg.stop_after)
@@ -727,21 +742,6 @@ def generate(
     if state_dir and cfg.save_state_every and (i + 1) % cfg.save_state_every == 0 and i + 1 < num_steps:
       _save_state(state_dir, state, cfg)
   timings["denoise"] = time.perf_counter() - t0
-  sidecar = {
-    "prompts": prompts,
-    "negative_prompt": cfg.negative_prompt,
-    "seed": cfg.seed,
-    "settings": dataclasses.asdict(cfg) | {"dtype": plan.dtype, "model": mcfg.name},
-    "model": json.loads(mcfg.to_json()),
-    "devices": {
-      "count": d,
-      "processes": jax.process_count(),
-      "platform": jax.default_backend(),
-      "kind": jax.devices()[0].device_kind,
-    },
-    "versions": _versions(),
-    "timings_s": timings,
-  }
 
   if end < num_steps:
     path = _save_state(state_dir, state, cfg)

@@ -28,9 +28,12 @@ def resolve_implementation(impl: str, dtype) -> str:
   return "cudnn" if float(cc) >= 8.0 else "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla") -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v; q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+def attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None, implementation: str = "xla"
+) -> jax.Array:
+  """softmax(q k^T / sqrt(d) + bias) v; q [B, Lq, H, D], k/v [B, Lk, H, D], bias broadcastable to
+  [B, H, Lq, Lk] -> [B, Lq, H, D]."""
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
 
 
 class CrossAttention(nnx.Module):
@@ -203,5 +206,5 @@ def dual_scope_attention(q, k, v, t, frames: FrameContext, *, implementation: st
 
   bias = dual_scope_bias(t, frames, t_loc, qb_len, q.dtype).reshape(b * nb, 1, qb_len, qb_len + 2 * p + g)
   qq = _heads_folded(q).reshape(b * nb, qb_len, m * h, d)
-  o = jax.nn.dot_product_attention(qq, keys_of(k), keys_of(v), bias=bias, implementation=implementation)
+  o = attention(qq, keys_of(k), keys_of(v), bias=bias, implementation=implementation)
   return o.reshape(b, t_loc, m, h, d)
