@@ -6,6 +6,8 @@ r"""Time one guided denoising step of the UNet on 1..D devices: ms per frame-ste
   python -m benchmarks.bench_step --frames 16,64 --devices 1 --torch_baseline --torch_compile
   # the largest frame count one device holds (slow: one compile per probe; 64 and 256 give the first guess)
   python -m benchmarks.bench_step --frames 64,256 --devices 1 --find_max_frames
+  # ... and 4 devices (F per device; the largest of --devices unless --max_frames_devices says otherwise)
+  python -m benchmarks.bench_step --frames 256,1024 --devices 4 --frame_chunk 16 --find_max_frames
   # CPU smoke run (what tests/test_benchmarks.py runs)
   python -m benchmarks.bench_step --preset tiny --dtype float32 --height 64 --width 64 --frames 8 --window 4 \
       --num_global 8 --matmul_size 128
@@ -19,7 +21,7 @@ steps (each ``block_until_ready``; the step donates its state, so each output st
 ms per frame-step (step time / F), FLOPs per step and device from XLA's cost analysis next to the analytic
 count of ``benchmarks/flops.py``, MFU (analytic FLOPs / step time / the bf16 matmul rate measured in the
 same run; also against the 989 TFLOP/s datasheet peak of H100/H200 SXM), and peak device memory. Then weak
-scaling efficiency t1(F) / tD(F), optionally the largest F one device holds, and the ratio of the PyTorch
+scaling efficiency t1(F) / tD(F), optionally the largest F that D devices hold, and the ratio of the PyTorch
 baseline's ms per frame-step to ours.
 
 The output ends with a table (the device tool returns only the end of the output); everything, with
@@ -97,10 +99,17 @@ flags.DEFINE_integer("matmul_iters", 10, "Chained matmuls per timed call of the 
 flags.DEFINE_string("out", "bench_step.json", "JSON file written with every figure ('' for none).", flag_values=FV)
 flags.DEFINE_integer("seed", 0, "Seed of the random weights, contexts and noise.", flag_values=FV)
 flags.DEFINE_bool(
-  "find_max_frames", False, "Also search the largest F one device holds (one compile per probe: slow).", flag_values=FV
+  "find_max_frames",
+  False,
+  "Also search the largest F (per device) that --max_frames_devices devices hold: one compile and one step per "
+  "probe, slow.",
+  flag_values=FV,
+)
+flags.DEFINE_integer(
+  "max_frames_devices", 0, "Device count of the max-frames search (0: the largest of --devices).", flag_values=FV
 )
 flags.DEFINE_integer("max_frames_step", 64, "Resolution of the max-frames search (a multiple of G).", flag_values=FV)
-flags.DEFINE_integer("max_frames_limit", 4096, "Largest F the max-frames search probes.", flag_values=FV)
+flags.DEFINE_integer("max_frames_limit", 4096, "Largest F (per device) the max-frames search probes.", flag_values=FV)
 flags.DEFINE_float(
   "max_frames_budget_s", 0.0, "Stop the max-frames search after this many seconds (0: no limit).", flag_values=FV
 )
@@ -161,6 +170,7 @@ class BenchConfig:
   out: str
   seed: int
   find_max_frames: bool
+  max_frames_devices: int
   max_frames_step: int
   max_frames_limit: int
   max_frames_budget_s: float
@@ -202,6 +212,8 @@ def config_from_flags(fv: flags.FlagValues) -> BenchConfig:
     e.append(f"--trace_steps={fv.trace_steps}, expected >= 1")
   if fv.max_frames_step < 1:
     e.append(f"--max_frames_step={fv.max_frames_step}, expected >= 1")
+  if fv.max_frames_devices < 0:
+    e.append(f"--max_frames_devices={fv.max_frames_devices}, expected >= 0 (0: the largest of --devices)")
   if fv.frame_chunk and "frame_chunk" not in inspect.signature(parallel.make_denoiser).parameters:
     e.append(
       f"--frame_chunk={fv.frame_chunk}: this checkout's vinf_jax.parallel.make_denoiser has no frame_chunk "
@@ -347,7 +359,10 @@ def _cache_entries(path: str) -> int:
 
 
 def run_config(model, bc: BenchConfig, d: int, f: int, steps: int, plan) -> dict:
-  """Compile and time the guided step for D devices with F frames each; errors become the record's 'error'."""
+  """Compile and time the guided step for D devices with F frames each; errors become the record's 'error'.
+
+  ``steps=0`` (a max-frames probe): the first step only, no timed ones.
+  """
   n = f * d
   lh, lw = bc.latent_hw
   rec: dict = {"devices": d, "frames_per_device": f, "frames_total": n, "ok": False}
@@ -410,8 +425,9 @@ def run_config(model, bc: BenchConfig, d: int, f: int, steps: int, plan) -> dict
       restart_if_done()
       ts += timed(one_step, 1)
     rec["step_ms_all"] = [1e3 * t for t in ts]
-    rec["ms_per_step"] = float(np.median(rec["step_ms_all"]))
-    rec["ms_per_frame_step"] = rec["ms_per_step"] / f
+    if ts:
+      rec["ms_per_step"] = float(np.median(rec["step_ms_all"]))
+      rec["ms_per_frame_step"] = rec["ms_per_step"] / f
     if bc.trace_dir:
       rec["trace"] = trace_steps(one_step, restart_if_done, bc, d, f)
     x = np.asarray(jax.device_get(state.x.addressable_shards[0].data), np.float32)
@@ -461,12 +477,14 @@ def search_max_frames(
   guess: int | None = None,
   deadline: float | None = None,
   clock: Callable[[], float] = time.monotonic,
+  reserve: Callable[[], float] = lambda: 0.0,
 ) -> dict:
   """The largest multiple of ``step`` up to ``limit`` for which ``fits`` holds, assuming it is monotone.
 
   Brackets from the first probe (``guess`` when given, else twice ``known_fit``, else ``step``), galloping
   up after a fit or down after a failure (increments from ``step`` after a guess, else doubling from the first
-  probe), then bisects. Stops early at ``deadline`` (a ``clock`` value); the result says whether it finished.
+  probe), then bisects. Stops early when less than ``reserve()`` seconds (the length of a probe) are left
+  before ``deadline`` (a ``clock`` value); the result says whether it finished.
   """
 
   def rnd(x):
@@ -480,7 +498,7 @@ def search_max_frames(
     return ok
 
   def out_of_time():
-    return deadline is not None and clock() >= deadline
+    return deadline is not None and clock() + reserve() >= deadline
 
   x = rnd(guess) if guess else rnd(2 * known_fit) if known_fit else step
   x = min(x, rnd(limit))
@@ -521,16 +539,14 @@ def search_max_frames(
   return {"largest_fit": lo or None, "smallest_fail": hi, "resolution": step, "complete": complete, "probes": probes}
 
 
-def guess_max_frames(runs: Sequence[dict]) -> int | None:
-  """F where XLA's static memory of the one-device program, linear in F, would fill the device (or None)."""
-  pts = sorted(
-    {
-      (r["frames_per_device"], r["xla_memory"]["total_bytes"])
-      for r in runs
-      if r["ok"] and r["devices"] == 1 and r.get("xla_memory") and r["memory"]["limit_bytes"]
-    }
-  )
-  limits = [r["memory"]["limit_bytes"] for r in runs if r["ok"] and r["devices"] == 1 and r["memory"]["limit_bytes"]]
+def guess_max_frames(runs: Sequence[dict], devices: int = 1) -> int | None:
+  """F per device where XLA's static memory of the D-device program (per device), linear in F, fills a device.
+
+  From the runs on ``devices`` devices; None without two frame counts of them.
+  """
+  ok = [r for r in runs if r["ok"] and r["devices"] == devices and r["memory"]["limit_bytes"]]
+  pts = sorted({(r["frames_per_device"], r["xla_memory"]["total_bytes"]) for r in ok if r.get("xla_memory")})
+  limits = [r["memory"]["limit_bytes"] for r in ok]
   if len(pts) < 2 or not limits:
     return None
   (f0, b0), (f1, b1) = pts[0], pts[-1]
@@ -723,32 +739,49 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
   res["weak_scaling"] = weak_scaling(res["runs"])
 
   if bc.find_max_frames:
-    known = max((r["frames_per_device"] for r in res["runs"] if r["ok"] and r["devices"] == 1), default=0)
+    d = bc.max_frames_devices or max(bc.devices)
+    known = max((r["frames_per_device"] for r in res["runs"] if r["ok"] and r["devices"] == d), default=0)
+    # F per device: F * D must pass parallel.check_frames for every D, so F itself is a multiple of G
     step = math.lcm(bc.max_frames_step, parallel.lcm_frames(1, bc.temporal))
+    guess = guess_max_frames(res["runs"], d)
+    t0 = time.monotonic()
     probes = []
+    # what is known so far, saved after every probe (a call cut off by its time limit keeps it)
+    mf = res["max_frames"] = {"devices": d, "resolution": step, "guess": guess, "probe_runs": probes}
+    mf.update(largest_fit=known or None, smallest_fail=None, complete=False, probes=[])
 
     def fits(f):
-      rec = run_config(model, bc, 1, f, 1, plan)
-      keep = ("frames_per_device", "ok", "oom", "error", "compile_s", "first_step_s", "xla_memory")
-      probes.append({k: rec.get(k) for k in keep})
-      print(f"max frames probe F={f}: " + ("fits" if rec["ok"] else rec["error"][:200]), flush=True)
+      rec = run_config(model, bc, d, f, 0, plan)
+      keep = ("frames_per_device", "frames_total", "ok", "oom", "error", "compile_s", "first_step_s", "wall_s")
+      probes.append({k: rec.get(k) for k in keep} | {"xla_memory": rec.get("xla_memory"), "memory": rec.get("memory")})
+      print(
+        f"max frames probe D={d} F={f} ({d * f} frames): " + ("fits" if rec["ok"] else rec["error"][:200]), flush=True
+      )
+      mf["probes"].append({"frames": f, "fits": rec["ok"]})
+      if rec["ok"]:
+        mf["largest_fit"] = max(f, mf["largest_fit"] or 0)
+      elif rec.get("oom"):
+        mf["smallest_fail"] = min(f, mf["smallest_fail"] or f)
+      save()
       if not rec["ok"] and not rec.get("oom"):
         raise RuntimeError(f"F={f} failed with something else than running out of memory: {rec['error']}")
       return rec["ok"]
 
-    t0 = time.monotonic()
+    def probe_s():  # the next probe takes as long as the longest so far (a guess before the first)
+      return max([p["wall_s"] for p in probes] + [next_run_s()])
+
     deadline = t0 + bc.max_frames_budget_s if bc.max_frames_budget_s > 0 else math.inf
-    deadline = min(deadline, t0 + time_left() - next_run_s())  # a probe started in time must end in time
+    deadline = min(deadline, t0 + time_left())  # a probe started in time must end in time
     deadline = None if deadline == math.inf else deadline
-    guess = guess_max_frames(res["runs"])
     try:
-      mf = search_max_frames(
-        fits, step=step, limit=bc.max_frames_limit, known_fit=known, guess=guess, deadline=deadline
+      mf.update(
+        search_max_frames(
+          fits, step=step, limit=bc.max_frames_limit, known_fit=known, guess=guess, deadline=deadline, reserve=probe_s
+        )
       )
     except RuntimeError as err:
-      mf = {"error": str(err)}
-    mf.update(guess=guess, seconds=time.monotonic() - t0, probe_runs=probes, devices=1)
-    res["max_frames"] = mf
+      mf["error"] = str(err)
+    mf["seconds"] = time.monotonic() - t0
   if res.get("torch_baseline"):
     res["torch_ratio"] = torch_ratios(res["runs"], res["torch_baseline"])
   save()
@@ -814,12 +847,13 @@ def format_table(res: dict) -> str:
     )
   if "max_frames" in res:
     mf = res["max_frames"]
+    where = f"max frames per device on {mf.get('devices', 1)} device(s)"
     if "error" in mf:
-      lines.append(f"max frames on one device: error: {mf['error'][:200]}")
+      lines.append(f"{where}: error: {mf['error'][:200]}")
     else:
       probes = " ".join(f"{p['frames']}{'+' if p['fits'] else 'x'}" for p in mf["probes"])
       lines.append(
-        f"max frames on one device: {mf['largest_fit']} fits, {mf['smallest_fail']} does not "
+        f"{where}: {mf['largest_fit']} fits, {mf['smallest_fail']} does not "
         f"({'complete' if mf['complete'] else 'INCOMPLETE'}; probes {probes}; guess {mf['guess']}; "
         f"{mf['seconds']:.0f} s)"
       )

@@ -44,7 +44,7 @@ COLUMNS = {
     "command",
   ],
   WEAK: ["date", "card", "F", "D", "t1 ms", "tD ms", "efficiency", "command"],
-  MAX: ["date", "card", "attention", "fits", "fails", "complete", "command"],
+  MAX: ["date", "card", "D", "attention", "fits", "fails", "complete", "command"],
   VIDEO: [
     "date",
     "card",
@@ -155,9 +155,18 @@ def render(results_md: str | pathlib.Path = RESULTS_MD) -> str:
       + f" ({t[WEAK][-1]['card']})."
     )
   if t[MAX]:
-    r = max(t[MAX], key=lambda r: r["date"])
-    least = "at least " if r["fails"] == NONE_FAILED else ""
-    notes.append(f"Largest frame count one {r['card']} holds ({r['attention']} attention): {least}{r['fits']}.")
+    newest = {}  # the newest row of each (card, D, attention), in the order of D
+    for r in sorted(t[MAX], key=lambda r: (int(r["D"]), r["date"])):
+      newest[r["card"], r["D"], r["attention"]] = r
+    notes.append(
+      "Largest frame count in one pass (one guided step of the whole video): "
+      + ", ".join(
+        f"{'at least ' if r['fails'] == NONE_FAILED else ''}{r['fits']} on {r['D']} x {r['card']} "
+        f"({r['attention']} attention)"
+        for r in newest.values()
+      )
+      + "."
+    )
   if t[VIDEO]:
     newest = max(r["date"] for r in t[VIDEO])
     vids = [r for r in t[VIDEO] if r["date"] == newest]
@@ -274,9 +283,10 @@ def rows_from_json(res: dict, baselines: Sequence[dict] | None = None) -> dict[s
     )
   mf = res.get("max_frames")
   if mf and "error" not in mf:
-    att = m["temporal"]["attention"]
-    fails = mf["smallest_fail"] or NONE_FAILED
-    out[MAX].append(_row([date, card, att, mf["largest_fit"] or "-", fails, mf["complete"], cmd]))
+    att, d = m["temporal"]["attention"], mf.get("devices", 1)  # frames per device in the JSON, in all here
+    fits = d * mf["largest_fit"] if mf["largest_fit"] else "-"
+    fails = d * mf["smallest_fail"] if mf["smallest_fail"] else NONE_FAILED
+    out[MAX].append(_row([date, card, d, att, fits, fails, mf["complete"], cmd]))
   return out
 
 

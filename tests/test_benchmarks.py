@@ -145,6 +145,12 @@ def test_search_max_frames():
   t = iter(range(100))
   r = bench_step.search_max_frames(fits, step=64, limit=4096, known_fit=256, deadline=2, clock=lambda: next(t))
   assert not r["complete"] and len(r["probes"]) == 2
+  # a probe must end before the deadline: with 10 s per probe and 25 s left, two probes start
+  t = iter(range(0, 1000, 10))
+  r = bench_step.search_max_frames(
+    fits, step=64, limit=4096, known_fit=256, deadline=25, clock=lambda: next(t), reserve=lambda: 10
+  )
+  assert not r["complete"] and len(r["probes"]) == 2
 
 
 def test_guess_max_frames():
@@ -157,6 +163,9 @@ def test_guess_max_frames():
   # 4 GiB of weights and 0.1 GiB per frame: 0.97 * 80 GiB holds 736 frames
   assert bench_step.guess_max_frames([run(64, 4 * gib + 64 * gib // 10), run(256, 4 * gib + 256 * gib // 10)]) == 735
   assert bench_step.guess_max_frames([run(64, 10 * gib)]) is None  # one point: no slope
+  # the runs of the search's device count only
+  four = [run(64, 4 * gib + 64 * gib // 10) | {"devices": 4}, run(256, 4 * gib + 256 * gib // 10) | {"devices": 4}]
+  assert bench_step.guess_max_frames(four) is None and bench_step.guess_max_frames(four, devices=4) == 735
 
 
 def fake_run_config(model, bc, d, f, steps, plan, wall_s=1.0):
@@ -195,7 +204,14 @@ def fake_bench(monkeypatch):
 
 def test_run_max_frames_and_budget(fake_bench, tmp_path, monkeypatch):
   out = tmp_path / "r.json"
-  args = ["bench_step", "--frames=64,256", "--devices=1,2", "--find_max_frames", f"--out={out}"]
+  args = [
+    "bench_step",
+    "--frames=64,256",
+    "--devices=1,2",
+    "--find_max_frames",
+    "--max_frames_devices=1",
+    f"--out={out}",
+  ]
   assert bench_step.main(args) == 0
   r = json.loads(out.read_text())
   assert [w["efficiency"] for w in r["weak_scaling"]] == pytest.approx([1 / 1.1, 1 / 1.1])
@@ -204,7 +220,19 @@ def test_run_max_frames_and_budget(fake_bench, tmp_path, monkeypatch):
   # linear memory 4 GB + 0.1 GB per frame of 80 GB: the guess is 736 frames, probed from 704 upward
   assert mf["guess"] == 736 and mf["probes"][0] == {"frames": 704, "fits": True}
   assert (mf["largest_fit"], mf["smallest_fail"], mf["complete"]) == (896, 960, True)
-  assert len(mf["probe_runs"]) == len(mf["probes"])
+  assert len(mf["probe_runs"]) == len(mf["probes"]) and mf["devices"] == 1
+  assert all(p["frames_total"] == p["frames_per_device"] for p in mf["probe_runs"])
+
+  # the search on the largest of --devices (F per device; the fake runs out of memory above 900 per device)
+  probed = []
+  monkeypatch.setattr(bench_step, "run_config", lambda *a: probed.append(a[2:5]) or fake_run_config(*a))
+  assert bench_step.main(["bench_step", "--frames=64,256", "--devices=2", "--find_max_frames", f"--out={out}"]) == 0
+  mf = json.loads(out.read_text())["max_frames"]
+  assert (mf["devices"], mf["largest_fit"], mf["smallest_fail"], mf["complete"]) == (2, 896, 960, True)
+  assert probed[:2] == [(2, 64, 5), (2, 256, 5)] and all(p[0] == 2 and p[2] == 0 for p in probed[2:])
+  assert "max frames per device on 2 device(s): 896 fits" in bench_step.format_table(json.loads(out.read_text()))
+  (row,) = results_table.rows_from_json(json.loads(out.read_text()))[results_table.MAX]
+  assert row.startswith(f"| {mf_date(out)} | ") and "| 2 | dual | 1792 | 1920 | True |" in row
 
   # a run as long as the whole budget: the next one is skipped, and no max-frames probe starts
   monkeypatch.setattr(bench_step, "run_config", lambda *a: fake_run_config(*a, wall_s=2000.0))
@@ -213,6 +241,10 @@ def test_run_max_frames_and_budget(fake_bench, tmp_path, monkeypatch):
   assert [x["ok"] for x in r["runs"]] == [True, False, False, False] and r["runs"][1]["skipped"]
   assert r["weak_scaling"] == [] and r["max_frames"]["probes"] == [] and not r["max_frames"]["complete"]
   assert "skipped" in bench_step.format_table(r)
+
+
+def mf_date(path) -> str:
+  return json.loads(path.read_text())["meta"]["date"][:10]
 
 
 TORCH_OUT = """params 1411.0 M dtype torch.float16 compile False
