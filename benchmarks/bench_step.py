@@ -131,7 +131,14 @@ flags.DEFINE_list(
   "compiler_options",
   [],
   "XLA options for the step's compile, name=value (e.g. xla_backend_optimization_level=0 to make CPU tests "
-  "compile faster).",
+  "compile faster), over those of --pipeline_compiler_options.",
+  flag_values=FV,
+)
+flags.DEFINE_bool(
+  "pipeline_compiler_options",
+  True,
+  "Compile with vinf_jax.parallel.compiler_options(), as the sampler does (on GPU: cuBLAS GEMMs, no Triton); "
+  "--nopipeline_compiler_options: XLA's defaults.",
   flag_values=FV,
 )
 flags.DEFINE_string(
@@ -184,6 +191,7 @@ class BenchConfig:
   trace_dir: str = ""
   trace_steps: int = 2
   compiler_options: tuple[tuple[str, object], ...] = ()
+  pipeline_compiler_options: bool = True
 
   @property
   def latent_hw(self) -> tuple[int, int]:
@@ -358,6 +366,12 @@ def _cache_entries(path: str) -> int:
   return len(list(p.iterdir())) if p and p.is_dir() else 0
 
 
+def step_compiler_options(bc: BenchConfig) -> dict:
+  """The XLA options of the step's compile: the sampler's (unless turned off), then --compiler_options."""
+  base = (parallel.compiler_options() or {}) if bc.pipeline_compiler_options else {}
+  return {**base, **dict(bc.compiler_options)}
+
+
 def run_config(model, bc: BenchConfig, d: int, f: int, steps: int, plan) -> dict:
   """Compile and time the guided step for D devices with F frames each; errors become the record's 'error'.
 
@@ -398,7 +412,7 @@ def run_config(model, bc: BenchConfig, d: int, f: int, steps: int, plan) -> dict
     rec["lower_s"] = time.perf_counter() - t0
     entries = _cache_entries(bc.compilation_cache)
     t0 = time.perf_counter()
-    compiled = lowered.compile(compiler_options=dict(bc.compiler_options) or None)
+    compiled = lowered.compile(compiler_options=step_compiler_options(bc) or None)
     rec["compile_s"] = time.perf_counter() - t0
     if bc.compilation_cache:  # a new entry: compiled (and written); none: loaded, compile_s is a load time
       rec["compile_cache"] = "miss" if _cache_entries(bc.compilation_cache) > entries else "hit"
@@ -668,7 +682,7 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
       "steps_timed": bc.steps,
       "compilation_cache": bc.compilation_cache or None,
       "time_budget_s": bc.time_budget_s or None,
-      "compiler_options": dict(bc.compiler_options),
+      "compiler_options": step_compiler_options(bc),
     },
     "runs": [],
   }
@@ -751,7 +765,10 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
     mf.update(largest_fit=known or None, smallest_fail=None, complete=False, probes=[])
 
     def fits(f):
+      mf["probing"] = f  # a call cut off during this probe leaves it on record
+      save()
       rec = run_config(model, bc, d, f, 0, plan)
+      del mf["probing"]
       keep = ("frames_per_device", "frames_total", "ok", "oom", "error", "compile_s", "first_step_s", "wall_s")
       probes.append({k: rec.get(k) for k in keep} | {"xla_memory": rec.get("xla_memory"), "memory": rec.get("memory")})
       print(

@@ -161,7 +161,7 @@ def render(results_md: str | pathlib.Path = RESULTS_MD) -> str:
     notes.append(
       "Largest frame count in one pass (one guided step of the whole video): "
       + ", ".join(
-        f"{'at least ' if r['fails'] == NONE_FAILED else ''}{r['fits']} on {r['D']} x {r['card']} "
+        f"{'at least ' if r['fails'] in (NONE_FAILED, NONE_RUN) else ''}{r['fits']} on {r['D']} x {r['card']} "
         f"({r['attention']} attention)"
         for r in newest.values()
       )
@@ -285,12 +285,13 @@ def rows_from_json(res: dict, baselines: Sequence[dict] | None = None) -> dict[s
   if mf and "error" not in mf:
     att, d = m["temporal"]["attention"], mf.get("devices", 1)  # frames per device in the JSON, in all here
     fits = d * mf["largest_fit"] if mf["largest_fit"] else "-"
-    fails = d * mf["smallest_fail"] if mf["smallest_fail"] else NONE_FAILED
+    fails = d * mf["smallest_fail"] if mf["smallest_fail"] else NONE_FAILED if mf["complete"] else NONE_RUN
     out[MAX].append(_row([date, card, d, att, fits, fails, mf["complete"], cmd]))
   return out
 
 
 NONE_FAILED = "none up to the search limit"
+NONE_RUN = "none run out of memory (search cut short)"
 
 
 def rows_from_video_json(res: dict) -> list[str]:

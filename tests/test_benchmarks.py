@@ -220,16 +220,24 @@ def test_run_max_frames_and_budget(fake_bench, tmp_path, monkeypatch):
   # linear memory 4 GB + 0.1 GB per frame of 80 GB: the guess is 736 frames, probed from 704 upward
   assert mf["guess"] == 736 and mf["probes"][0] == {"frames": 704, "fits": True}
   assert (mf["largest_fit"], mf["smallest_fail"], mf["complete"]) == (896, 960, True)
-  assert len(mf["probe_runs"]) == len(mf["probes"]) and mf["devices"] == 1
+  assert len(mf["probe_runs"]) == len(mf["probes"]) and mf["devices"] == 1 and "probing" not in mf
   assert all(p["frames_total"] == p["frames_per_device"] for p in mf["probe_runs"])
 
   # the search on the largest of --devices (F per device; the fake runs out of memory above 900 per device)
-  probed = []
-  monkeypatch.setattr(bench_step, "run_config", lambda *a: probed.append(a[2:5]) or fake_run_config(*a))
+  probed, on_record = [], []
+
+  def probe(*a):
+    probed.append(a[2:5])
+    if a[4] == 0:  # a probe: the JSON on disk names it while it runs
+      on_record.append(json.loads(out.read_text())["max_frames"]["probing"])
+    return fake_run_config(*a)
+
+  monkeypatch.setattr(bench_step, "run_config", probe)
   assert bench_step.main(["bench_step", "--frames=64,256", "--devices=2", "--find_max_frames", f"--out={out}"]) == 0
   mf = json.loads(out.read_text())["max_frames"]
   assert (mf["devices"], mf["largest_fit"], mf["smallest_fail"], mf["complete"]) == (2, 896, 960, True)
   assert probed[:2] == [(2, 64, 5), (2, 256, 5)] and all(p[0] == 2 and p[2] == 0 for p in probed[2:])
+  assert on_record == [p[1] for p in probed[2:]] == [p["frames"] for p in mf["probes"]]
   assert "max frames per device on 2 device(s): 896 fits" in bench_step.format_table(json.loads(out.read_text()))
   (row,) = results_table.rows_from_json(json.loads(out.read_text()))[results_table.MAX]
   assert row.startswith(f"| {mf_date(out)} | ") and "| 2 | dual | 1792 | 1920 | True |" in row
@@ -404,3 +412,20 @@ def test_attention_check_logic():
   assert r["ok"] and r["finite"] and r["err_cudnn_vs_xla"] == 0.0
   assert 0 < r["err_cudnn_vs_f32"] <= attention_check.BF16_TOL and r["ms_cudnn"] > 0
   assert attention_check.main([]) == 0  # CPU: nothing to check, says so
+
+
+def test_step_compiler_options(monkeypatch):
+  """The step compiles as the sampler does (parallel.compiler_options) unless told otherwise."""
+  monkeypatch.setattr(parallel, "compiler_options", lambda: {"xla_gpu_enable_triton_gemm": False})
+  fv = bench_step.FV
+  fv.unparse_flags()
+  fv(["bench_step", "--compiler_options=xla_gpu_autotune_level=0"])
+  try:
+    bc = bench_step.config_from_flags(fv)
+    assert bench_step.step_compiler_options(bc) == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+    fv.unparse_flags()
+    fv(["bench_step", "--compiler_options=xla_gpu_enable_triton_gemm=true", "--nopipeline_compiler_options"])
+    bc = bench_step.config_from_flags(fv)
+    assert bench_step.step_compiler_options(bc) == {"xla_gpu_enable_triton_gemm": True}
+  finally:
+    fv.unparse_flags()
