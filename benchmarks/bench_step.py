@@ -745,7 +745,10 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
           f"skipped: {time_left():.0f} s of --time_budget_s left, the longest run took {next_run_s():.0f} s"
         )
       else:
+        res["running"] = {"devices": d, "frames_per_device": f}  # on record while it runs (see save)
+        save()
         rec = run_config(model, bc, d, f, bc.steps, plan)
+        del res["running"]
       add_rates(rec, res["matmul"]["flops"], meta["datasheet_bf16_flops"])
       res["runs"].append(rec)
       print(_run_line(rec), flush=True)

@@ -228,8 +228,8 @@ def test_run_max_frames_and_budget(fake_bench, tmp_path, monkeypatch):
 
   def probe(*a):
     probed.append(a[2:5])
-    if a[4] == 0:  # a probe: the JSON on disk names it while it runs
-      on_record.append(json.loads(out.read_text())["max_frames"]["probing"])
+    saved = json.loads(out.read_text())  # the JSON on disk names the run or probe in flight
+    on_record.append(saved["max_frames"]["probing"] if a[4] == 0 else saved["running"]["frames_per_device"])
     return fake_run_config(*a)
 
   monkeypatch.setattr(bench_step, "run_config", probe)
@@ -237,7 +237,8 @@ def test_run_max_frames_and_budget(fake_bench, tmp_path, monkeypatch):
   mf = json.loads(out.read_text())["max_frames"]
   assert (mf["devices"], mf["largest_fit"], mf["smallest_fail"], mf["complete"]) == (2, 896, 960, True)
   assert probed[:2] == [(2, 64, 5), (2, 256, 5)] and all(p[0] == 2 and p[2] == 0 for p in probed[2:])
-  assert on_record == [p[1] for p in probed[2:]] == [p["frames"] for p in mf["probes"]]
+  assert on_record == [p[1] for p in probed] and on_record[2:] == [p["frames"] for p in mf["probes"]]
+  assert "running" not in json.loads(out.read_text())
   assert "max frames per device on 2 device(s): 896 fits" in bench_step.format_table(json.loads(out.read_text()))
   (row,) = results_table.rows_from_json(json.loads(out.read_text()))[results_table.MAX]
   assert row.startswith(f"| {mf_date(out)} | ") and "| 2 | dual | 1792 | 1920 | True |" in row
