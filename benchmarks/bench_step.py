@@ -31,6 +31,7 @@ command cut off by a time limit still leaves what it measured).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -492,13 +493,15 @@ def search_max_frames(
   deadline: float | None = None,
   clock: Callable[[], float] = time.monotonic,
   reserve: Callable[[], float] = lambda: 0.0,
+  on_probe: Callable[[dict], None] | None = None,
 ) -> dict:
   """The largest multiple of ``step`` up to ``limit`` for which ``fits`` holds, assuming it is monotone.
 
   Brackets from the first probe (``guess`` when given, else twice ``known_fit``, else ``step``), galloping
   up after a fit or down after a failure (increments from ``step`` after a guess, else doubling from the first
   probe), then bisects. Stops early when less than ``reserve()`` seconds (the length of a probe) are left
-  before ``deadline`` (a ``clock`` value); the result says whether it finished.
+  before ``deadline`` (a ``clock`` value); the result says whether it finished. ``on_probe`` gets the
+  bracket so far (an unfinished result) after every probe.
   """
 
   def rnd(x):
@@ -509,6 +512,10 @@ def search_max_frames(
   def probe(x):
     ok = bool(fits(x))
     probes.append({"frames": x, "fits": ok})
+    if on_probe:
+      fit, fail = ([p["frames"] for p in probes if p["fits"] == want] for want in (True, False))
+      largest, smallest = max([known_fit, *fit]) or None, min(fail, default=None)
+      on_probe({"largest_fit": largest, "smallest_fail": smallest, "complete": False, "probes": probes})
     return ok
 
   def out_of_time():
@@ -693,6 +700,16 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
       p.parent.mkdir(parents=True, exist_ok=True)
       p.write_text(json.dumps(res, indent=1, default=_json_default) + "\n")
 
+  @contextlib.contextmanager
+  def on_record(where: dict, key: str, value):
+    """``where[key] = value`` in the saved JSON while the block runs: a call cut off there leaves it on record."""
+    where[key] = value
+    save()
+    try:
+      yield
+    finally:
+      del where[key]
+
   if bc.torch_baseline:
     # first, while JAX has not yet taken (by default 75% of) the GPU's memory
     modes = [False, True] if bc.torch_compile else [False]
@@ -745,10 +762,8 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
           f"skipped: {time_left():.0f} s of --time_budget_s left, the longest run took {next_run_s():.0f} s"
         )
       else:
-        res["running"] = {"devices": d, "frames_per_device": f}  # on record while it runs (see save)
-        save()
-        rec = run_config(model, bc, d, f, bc.steps, plan)
-        del res["running"]
+        with on_record(res, "running", {"devices": d, "frames_per_device": f}):
+          rec = run_config(model, bc, d, f, bc.steps, plan)
       add_rates(rec, res["matmul"]["flops"], meta["datasheet_bf16_flops"])
       res["runs"].append(rec)
       print(_run_line(rec), flush=True)
@@ -762,33 +777,27 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
     step = math.lcm(bc.max_frames_step, parallel.lcm_frames(1, bc.temporal))
     guess = guess_max_frames(res["runs"], d)
     t0 = time.monotonic()
-    probes = []
+    probe_runs = []
     # what is known so far, saved after every probe (a call cut off by its time limit keeps it)
-    mf = res["max_frames"] = {"devices": d, "resolution": step, "guess": guess, "probe_runs": probes}
+    mf = res["max_frames"] = {"devices": d, "resolution": step, "guess": guess, "probe_runs": probe_runs}
     mf.update(largest_fit=known or None, smallest_fail=None, complete=False, probes=[])
 
     def fits(f):
-      mf["probing"] = f  # a call cut off during this probe leaves it on record
-      save()
-      rec = run_config(model, bc, d, f, 0, plan)
-      del mf["probing"]
+      with on_record(mf, "probing", f):
+        rec = run_config(model, bc, d, f, 0, plan)
       keep = ("frames_per_device", "frames_total", "ok", "oom", "error", "compile_s", "first_step_s", "wall_s")
-      probes.append({k: rec.get(k) for k in keep} | {"xla_memory": rec.get("xla_memory"), "memory": rec.get("memory")})
+      probe_runs.append(
+        {k: rec.get(k) for k in keep} | {"xla_memory": rec.get("xla_memory"), "memory": rec.get("memory")}
+      )
       print(
         f"max frames probe D={d} F={f} ({d * f} frames): " + ("fits" if rec["ok"] else rec["error"][:200]), flush=True
       )
-      mf["probes"].append({"frames": f, "fits": rec["ok"]})
-      if rec["ok"]:
-        mf["largest_fit"] = max(f, mf["largest_fit"] or 0)
-      elif rec.get("oom"):
-        mf["smallest_fail"] = min(f, mf["smallest_fail"] or f)
-      save()
       if not rec["ok"] and not rec.get("oom"):
         raise RuntimeError(f"F={f} failed with something else than running out of memory: {rec['error']}")
       return rec["ok"]
 
     def probe_s():  # the next probe takes as long as the longest so far (a guess before the first)
-      return max([p["wall_s"] for p in probes] + [next_run_s()])
+      return max([p["wall_s"] for p in probe_runs] + [next_run_s()])
 
     deadline = t0 + bc.max_frames_budget_s if bc.max_frames_budget_s > 0 else math.inf
     deadline = min(deadline, t0 + time_left())  # a probe started in time must end in time
@@ -796,7 +805,14 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
     try:
       mf.update(
         search_max_frames(
-          fits, step=step, limit=bc.max_frames_limit, known_fit=known, guess=guess, deadline=deadline, reserve=probe_s
+          fits,
+          step=step,
+          limit=bc.max_frames_limit,
+          known_fit=known,
+          guess=guess,
+          deadline=deadline,
+          reserve=probe_s,
+          on_probe=lambda part: (mf.update(part), save()),
         )
       )
     except RuntimeError as err:

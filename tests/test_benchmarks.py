@@ -132,6 +132,20 @@ def test_search_max_frames():
   calls.clear()
   r = bench_step.search_max_frames(fits, step=64, limit=4096, known_fit=256, guess=900)
   assert (r["largest_fit"], r["smallest_fail"]) == (896, 960) and calls == [896, 960]
+  # the bracket so far after each probe
+  parts = []
+  bench_step.search_max_frames(
+    fits,
+    step=64,
+    limit=4096,
+    known_fit=256,
+    guess=900,
+    on_probe=lambda p: parts.append(dict(p, probes=len(p["probes"]))),
+  )
+  assert [(p["largest_fit"], p["smallest_fail"], p["probes"], p["complete"]) for p in parts] == [
+    (896, None, 1, False),
+    (896, 960, 2, False),
+  ]
   # a guess too high gallops down
   r = bench_step.search_max_frames(fits, step=64, limit=4096, guess=2000)
   assert (r["largest_fit"], r["smallest_fail"], r["complete"]) == (896, 960, True)
