@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vinf_jax.layers.norm import GroupNorm
+from vinf_jax.layers.norm import GroupNorm, group_stats
+from vinf_jax.layers.transformers import map_chunks
 from vinf_jax.parallel import FrameContext
 
 # The temporal conv block stacks four kernel-3 convs: a receptive field of +-4 frames.
@@ -65,15 +66,40 @@ class TemporalConvBlock(nnx.Module):
     self.conv3 = TemporalConvStage(channels, groups, **kw)
     self.conv4 = TemporalConvStage(channels, groups, **kw)
 
-  def __call__(self, x: jax.Array, frames: FrameContext) -> jax.Array:
-    """x: [B, T, H, W, C] local frames -> same."""
+  def __call__(self, x: jax.Array, frames: FrameContext, *, frame_chunk: int = 0) -> jax.Array:
+    """x: [B, T, H, W, C] local frames -> same.
+
+    ``frame_chunk`` C > 0: each stage takes its clip-wide statistics first, then normalises, activates and
+    convolves chunks of spatial positions (``ceil(T / C)`` chunks, as the temporal transformers do) one after
+    another: the conv is along frames, so positions are independent. Every conv then has about C frames'
+    worth of positions whatever T is, so neither the normalised activation of the whole clip nor a conv of
+    the whole clip (whose autotuning grows with it) exists; the result is the same.
+    """
     stages = (self.conv1, self.conv2, self.conv3, self.conv4)
-    t = x.shape[1]
+    b, t, hh, ww, c = x.shape
+    m = hh * ww
+    chunks = min(-(-t // frame_chunk), m) if frame_chunk > 0 else 1
+    positions = -(-m // chunks)
+
+    def stage(s, h, stats_from, padding, mask=None, sum_fn=None):
+      # h: [B, L, H, W, C] -> [B, L + 2 * padding - 2, H, W, C]
+      mean, var = group_stats(h if stats_from is None else stats_from, s.norm.num_groups, (1, 2, 3), sum_fn)
+      mean, inv = mean[:, 0], jax.lax.rsqrt(var + s.norm.epsilon)[:, 0]  # [B, 1, 1, G, 1], for [B, L, P, C]
+
+      def body(hc):  # [B, L, P, C]: P positions of every frame of the window
+        a = jax.nn.silu(s.norm.normalize(hc, mean, inv))
+        if mask is not None:
+          a = a * mask[:, :, :, 0, 0, None].astype(a.dtype)
+        return s.conv(a[:, :, :, None], padding=padding)[:, :, :, 0]
+
+      flat = h.reshape(b, h.shape[1], m, c)
+      return map_chunks(body, [flat], axis=2, chunk=positions if chunks > 1 else 0).reshape(b, -1, hh, ww, c)
+
     if frames.axis_name is None and frames.exact_norm:
       # One device holds the whole clip: zero padding and clip statistics, as VideoCrafter2.
       h = x
       for s in stages:
-        h = s.conv(jax.nn.silu(s.norm(h, axes=(1, 2, 3))), padding=1)
+        h = stage(s, h, None, padding=1)
       return x + h
 
     halo = TEMPORAL_CONV_HALO
@@ -83,7 +109,7 @@ class TemporalConvBlock(nnx.Module):
       # The official plugin: statistics over the halo-padded window (zeros at the video's ends
       # included), zero padding inside the window, crop the halo.
       for s in stages:
-        h = s.conv(jax.nn.silu(s.norm(h, axes=(1, 2, 3))), padding=1)
+        h = stage(s, h, None, padding=1)
       return x + h[:, halo : halo + t]
 
     # Exact: each stage normalises with statistics of the real frames (own frames, summed over
@@ -94,9 +120,7 @@ class TemporalConvBlock(nnx.Module):
     valid = ((pos >= 0) & (pos < n))[None, :, None, None, None]
     for k, s in enumerate(stages):
       own = h[:, halo - k : halo - k + t]
-      a = jax.nn.silu(s.norm(h, axes=(1, 2, 3), stats_from=own, sum_fn=frames.sum_frames))
-      a = a * valid[:, k : k + h.shape[1]].astype(a.dtype)
-      h = s.conv(a, padding=0)
+      h = stage(s, h, own, padding=0, mask=valid[:, k : k + h.shape[1]], sum_fn=frames.sum_frames)
     return x + h
 
 
