@@ -58,6 +58,9 @@ class UNetConfig:
     dtype: compute dtype name; normalisation statistics and softmax are always float32.
     param_dtype: dtype name the parameters are held in.
     attention_impl: 'xla', 'cudnn' or 'auto' (cudnn for 16-bit compute on GPU) for spatial attention.
+    kernel_impl: 'jax', 'pallas', 'pallas_ff' or 'auto' (Pallas kernels on GPU): how the memory-bound
+      elementwise passes (the feed-forwards' GEGLU; with 'pallas_ff' fused with their projection) run; the
+      same function either way (``vinf_jax.layers.kernels``).
   """
 
   in_channels: int = 4
@@ -74,6 +77,7 @@ class UNetConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "auto"
+  kernel_impl: str = "auto"
 
   @property
   def time_embed_dim(self) -> int:
@@ -102,6 +106,11 @@ class UNetConfig:
       e,
       self.attention_impl in ("auto", "xla", "cudnn"),
       f"attention_impl={self.attention_impl!r}, expected 'auto', 'xla' or 'cudnn'",
+    )
+    _check(
+      e,
+      self.kernel_impl in ("auto", "jax", "pallas", "pallas_ff"),
+      f"kernel_impl={self.kernel_impl!r}, expected 'auto', 'jax', 'pallas' or 'pallas_ff'",
     )
     _check_dtypes(e, self)
     _raise("UNetConfig", e)

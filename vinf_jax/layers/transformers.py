@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vinf_jax.layers.attention import BasicTransformerBlock, attention, temporal_attention
+from vinf_jax.layers.attention import (
+  BasicTransformerBlock,
+  attention,
+  dual_scope_attention_zero_key,
+  temporal_attention,
+  uses_zero_key,
+)
 from vinf_jax.layers.norm import GroupNorm, group_stats
 from vinf_jax.parallel import FrameContext
 
@@ -68,6 +74,7 @@ class SpatialTransformer(nnx.Module):
     param_dtype,
     rngs: nnx.Rngs,
     attention_impl: str = "xla",
+    kernel_impl: str = "jax",
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * dim_head
@@ -75,7 +82,7 @@ class SpatialTransformer(nnx.Module):
     self.norm = GroupNorm(ch, groups, 1e-6, dtype=dtype, param_dtype=param_dtype)
     self.proj_in = nnx.Linear(ch, inner, **kw)
     self.transformer_blocks = nnx.List(
-      [BasicTransformerBlock(inner, heads, dim_head, context_dim, self_only=False, **kw)]
+      [BasicTransformerBlock(inner, heads, dim_head, context_dim, self_only=False, kernel_impl=kernel_impl, **kw)]
     )
     self.proj_out = nnx.Linear(inner, ch, **kw)
 
@@ -123,13 +130,16 @@ class TemporalTransformer(nnx.Module):
     param_dtype,
     rngs: nnx.Rngs,
     attention_impl: str = "xla",
+    kernel_impl: str = "jax",
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * dim_head
     self.impl = attention_impl
     self.norm = GroupNorm(ch, groups, 1e-6, dtype=dtype, param_dtype=param_dtype)
     self.proj_in = nnx.Linear(ch, inner, **kw)
-    self.transformer_blocks = nnx.List([BasicTransformerBlock(inner, heads, dim_head, None, self_only=True, **kw)])
+    self.transformer_blocks = nnx.List(
+      [BasicTransformerBlock(inner, heads, dim_head, None, self_only=True, kernel_impl=kernel_impl, **kw)]
+    )
     self.proj_out = nnx.Linear(inner, ch, **kw)
 
   def __call__(self, x: jax.Array, t: jax.Array, frames: FrameContext, *, frame_chunk: int = 0) -> jax.Array:
@@ -154,12 +164,15 @@ class TemporalTransformer(nnx.Module):
   def _mix_frames(self, h: jax.Array, t: jax.Array, frames: FrameContext) -> jax.Array:
     """h: [B, T, M, C] normalised tokens of M positions -> [B, T, M, C] (proj_in, block, proj_out)."""
     h = self.proj_in(h)
+    zero_key = uses_zero_key(frames, h.shape[1])
 
-    def self_fn(q, k, v):  # [B, T, M, heads, d]
+    def self_fn(q, k, v):  # [B, T, M, heads, d] ([B, T+1, ...] with the zero frame)
+      if zero_key:
+        return dual_scope_attention_zero_key(q, k, v, t, frames, implementation=self.impl)
       return temporal_attention(q, k, v, t, frames, implementation=self.impl)
 
     for blk in self.transformer_blocks:
-      h = blk(h, None, self_fn)
+      h = blk(h, None, self_fn, zero_token=zero_key)
     return self.proj_out(h)
 
   def _chunked(self, x: jax.Array, t: jax.Array, frames: FrameContext, positions: int) -> jax.Array:

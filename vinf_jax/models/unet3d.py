@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vinf_jax.config import UNetConfig, to_dtype
+from vinf_jax.layers import kernels
 from vinf_jax.layers.attention import resolve_implementation
 from vinf_jax.layers.embeddings import TimestepMLP, timestep_embedding
 from vinf_jax.layers.norm import GroupNorm
@@ -38,16 +39,17 @@ class UNet3D(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
     mc, hc, g, ed = cfg.model_channels, cfg.num_head_channels, cfg.num_groups, cfg.time_embed_dim
     impl = resolve_implementation(cfg.attention_impl, dtype)
+    tkw = dict(attention_impl=impl, kernel_impl=kernels.resolve(cfg.kernel_impl), **kw)
 
     def st(ch):
-      return SpatialTransformer(ch, ch // hc, hc, cfg.context_dim, g, attention_impl=impl, **kw)
+      return SpatialTransformer(ch, ch // hc, hc, cfg.context_dim, g, **tkw)
 
     def tt(ch):
-      return TemporalTransformer(ch, ch // hc, hc, g, attention_impl=impl, **kw)
+      return TemporalTransformer(ch, ch // hc, hc, g, **tkw)
 
     self.time_embed = TimestepMLP(mc, ed, **kw)
     self.fps_embedding = TimestepMLP(mc, ed, **kw) if cfg.fps_cond else None
-    self.init_attn = nnx.List([TemporalTransformer(mc, cfg.init_attn_heads, hc, g, attention_impl=impl, **kw)])
+    self.init_attn = nnx.List([TemporalTransformer(mc, cfg.init_attn_heads, hc, g, **tkw)])
 
     blocks = [[nnx.Conv(cfg.in_channels, mc, (3, 3), padding=((1, 1), (1, 1)), **kw)]]
     chans, ch = [mc], mc
@@ -159,7 +161,7 @@ class UNet3D(nnx.Module):
       for layer in layers:
         if isinstance(layer, ResBlock):
           out.append(("spatial", lambda h, ctx, r=layer: r.spatial(h, emb)))
-          out.append(("temporal", lambda h, r=layer: r.temopral_conv(h, frames)))
+          out.append(("temporal", lambda h, r=layer: r.temopral_conv(h, frames, frame_chunk=frame_chunk)))
         elif isinstance(layer, SpatialTransformer):
           out.append(("spatial", lambda h, ctx, st=layer: st(h, ctx)))
         elif isinstance(layer, TemporalTransformer):
