@@ -75,6 +75,13 @@ flags.DEFINE_enum("preset", "videocrafter2", ["videocrafter2", "tiny"], "UNet pr
 flags.DEFINE_enum(
   "dtype", "bfloat16", ["bfloat16", "float16", "float32"], "UNet compute and parameter dtype.", flag_values=FV
 )
+flags.DEFINE_enum(
+  "kernel_impl",
+  "auto",
+  ["auto", "jax", "pallas", "pallas_ff"],
+  "UNetConfig.kernel_impl (elementwise kernels).",
+  flag_values=FV,
+)
 flags.DEFINE_integer("height", 320, "Video height in pixels (latent = height / 8).", flag_values=FV)
 flags.DEFINE_integer("width", 512, "Video width in pixels (latent = width / 8).", flag_values=FV)
 flags.DEFINE_list(
@@ -151,6 +158,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("trace_steps", 2, "Steps in each --trace_dir trace.", flag_values=FV)
 flags.DEFINE_string(
+  "hlo_dir",
+  "",
+  "Also write each (D, F) run's optimised HLO (compiled.as_text(), gzipped) to HLO_DIR/D<d>_F<f>.hlo.gz: the "
+  "names of a trace's fusions are its instructions.",
+  flag_values=FV,
+)
+flags.DEFINE_string(
   "compilation_cache",
   "",
   "jax persistent compilation cache directory ('' for none; compile times then "
@@ -191,6 +205,7 @@ class BenchConfig:
   time_budget_s: float = 0.0
   trace_dir: str = ""
   trace_steps: int = 2
+  hlo_dir: str = ""
   compiler_options: tuple[tuple[str, object], ...] = ()
   pipeline_compiler_options: bool = True
 
@@ -239,7 +254,7 @@ def config_from_flags(fv: flags.FlagValues) -> BenchConfig:
     raise ValueError("invalid flags:\n  - " + "\n  - ".join(e))
   temporal = TemporalConfig(attention=fv.attention, window=fv.window, num_global=fv.num_global).validate()
   derived = dict(
-    unet=dataclasses.replace(preset(fv.preset).unet, dtype=fv.dtype, param_dtype=fv.dtype),
+    unet=dataclasses.replace(preset(fv.preset).unet, dtype=fv.dtype, param_dtype=fv.dtype, kernel_impl=fv.kernel_impl),
     temporal=temporal,
     sampler=sampling.SamplerConfig(name=fv.sampler, steps=fv.sampling_steps, guidance=fv.guidance),
     compiler_options=tuple(options),
@@ -418,6 +433,12 @@ def run_config(model, bc: BenchConfig, d: int, f: int, steps: int, plan) -> dict
     if bc.compilation_cache:  # a new entry: compiled (and written); none: loaded, compile_s is a load time
       rec["compile_cache"] = "miss" if _cache_entries(bc.compilation_cache) > entries else "hit"
     del lowered
+    if bc.hlo_dir:
+      import gzip
+
+      os.makedirs(bc.hlo_dir, exist_ok=True)
+      with gzip.open(os.path.join(bc.hlo_dir, f"D{d}_F{f}.hlo.gz"), "wt") as fh:
+        fh.write(compiled.as_text())
     rec["flops_xla"] = cost_flops(compiled)
     rec["xla_memory"] = memory_analysis(compiled)
 
