@@ -78,7 +78,7 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
   "kernel_impl",
   "auto",
-  ["auto", "jax", "pallas", "pallas_ff"],
+  ["auto", "jax", "pallas"],
   "UNetConfig.kernel_impl (elementwise kernels).",
   flag_values=FV,
 )

@@ -173,18 +173,6 @@ def main(argv=None):
         def ff_pallas(x, w1, w2):
           return kernels.geglu(x @ w1, impl="pallas", interpret=not gpu) @ w2
 
-        def ff_fused(x, w1, w2):
-          return kernels.proj_geglu(x, w1, jnp.zeros((w1.shape[1],), x.dtype), impl="pallas_ff", interpret=not gpu) @ w2
-
-        record(
-          rows,
-          f"ff L{lvl} pallas proj+geglu, cublas out",
-          ff_fused,
-          (x, w1, w2),
-          out,
-          a.reps,
-          {"xla_gpu_enable_triton_gemm": False} if gpu else None,
-        )
         record(
           rows,
           f"ff L{lvl} one proj, pallas geglu, cublas",

@@ -58,9 +58,8 @@ class UNetConfig:
     dtype: compute dtype name; normalisation statistics and softmax are always float32.
     param_dtype: dtype name the parameters are held in.
     attention_impl: 'xla', 'cudnn' or 'auto' (cudnn for 16-bit compute on GPU) for spatial attention.
-    kernel_impl: 'jax', 'pallas', 'pallas_ff' or 'auto' (Pallas kernels on GPU): how the memory-bound
-      elementwise passes (the feed-forwards' GEGLU; with 'pallas_ff' fused with their projection) run; the
-      same function either way (``vinf_jax.layers.kernels``).
+    kernel_impl: 'jax', 'pallas' or 'auto' (Pallas kernels on GPU): how the memory-bound elementwise passes
+      (the feed-forwards' GEGLU) run; the same function either way (``vinf_jax.layers.kernels``).
   """
 
   in_channels: int = 4
@@ -109,8 +108,8 @@ class UNetConfig:
     )
     _check(
       e,
-      self.kernel_impl in ("auto", "jax", "pallas", "pallas_ff"),
-      f"kernel_impl={self.kernel_impl!r}, expected 'auto', 'jax', 'pallas' or 'pallas_ff'",
+      self.kernel_impl in ("auto", "jax", "pallas"),
+      f"kernel_impl={self.kernel_impl!r}, expected 'auto', 'jax' or 'pallas'",
     )
     _check_dtypes(e, self)
     _raise("UNetConfig", e)
