@@ -55,6 +55,25 @@ def dense_dual_scope(q, k, v, t, cfg: TemporalConfig):
 
 
 @pytest.mark.parametrize("ends", ["zeros", "mask"])
+@pytest.mark.parametrize("n, p, g", [(16, 4, 4), (12, 2, 3), (8, 8, 2)])
+def test_zero_key_attention_matches_dense_reference(n, p, g, ends):
+  """One device, one query block: the clip's own frames plus one zero key, with merged biases."""
+  from vinf_jax.layers.attention import dual_scope_attention_zero_key, uses_zero_key
+
+  cfg = TemporalConfig(attention="dual", window=p, num_global=g, video_ends=ends)
+  frames = parallel.FrameContext(cfg)
+  assert uses_zero_key(frames, n) and not uses_zero_key(parallel.FrameContext(cfg, parallel.FRAMES, 2), n)
+  rng = np.random.default_rng(n * 10 + p)
+  q, k, v = (rng.standard_normal((2, n, 3, 2, 8)).astype(np.float32) for _ in range(3))
+  t = np.array([900.0, 100.0], np.float32)  # one batch element in each phase
+  want = dense_dual_scope(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v)), t, cfg).transpose(0, 2, 1, 3, 4)
+  zero = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # [B, T+1, ...]
+  got = dual_scope_attention_zero_key(zero(q), zero(k), zero(v), jnp.asarray(t), frames)
+  assert got.shape == (2, n + 1, 3, 2, 8)
+  assert rel_err(got[:, :n], want) <= RTOL
+
+
+@pytest.mark.parametrize("ends", ["zeros", "mask"])
 @pytest.mark.parametrize("d, qb", [(1, 0), (2, 0), (4, 0), (8, 0), (1, 8), (2, 4)])
 def test_dual_scope_attention_matches_dense_reference(d, qb, ends):
   """qb: query blocks of that many frames (0: automatic, one block per device here)."""

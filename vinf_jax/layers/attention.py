@@ -102,10 +102,34 @@ class BasicTransformerBlock(nnx.Module):
     self.norm3 = nnx.LayerNorm(dim, epsilon=1e-5, **kw)
 
   def __call__(
-    self, x: jax.Array, context: jax.Array | None, self_fn: AttnFn, cross_fn: AttnFn | None = None
+    self,
+    x: jax.Array,
+    context: jax.Array | None,
+    self_fn: AttnFn,
+    cross_fn: AttnFn | None = None,
+    *,
+    zero_token: bool = False,
   ) -> jax.Array:
-    x = x + self.attn1(self.norm1(x), None, self_fn)
-    x = x + self.attn2(self.norm2(x), None if self.self_only else context, cross_fn or self_fn)
+    """x: [N, L, C] (or [B, L, M, C] for the temporal layers: L frames of M positions).
+
+    ``zero_token``: each self-attention sees one more token along axis 1, a zero after the L real ones (its
+    K and V are zero: the projections have no bias), and its output there is dropped. The zero is appended
+    to the normalised input, where XLA writes it with the norm itself (no copy), so an attention function
+    that needs a zero key (:func:`dual_scope_attention_zero_key`) gets it without concatenating K and V.
+    """
+
+    def self_attn(attn, h):
+      if not zero_token:
+        return attn(h, None, self_fn)
+      length = h.shape[1]
+      h = jnp.concatenate([h, jnp.zeros_like(h[:, :1])], axis=1)
+      return attn(h, None, self_fn)[:, :length]
+
+    x = x + self_attn(self.attn1, self.norm1(x))
+    if self.self_only:
+      x = x + self_attn(self.attn2, self.norm2(x))
+    else:
+      x = x + self.attn2(self.norm2(x), context, cross_fn or self_fn)
     return x + self.ff(self.norm3(x))
 
 
@@ -127,6 +151,58 @@ def temporal_attention(
   if frames.temporal.attention == "full":
     return full_temporal_attention(q, k, v, frames, implementation=implementation)
   return dual_scope_attention(q, k, v, t, frames, implementation=implementation)
+
+
+def uses_zero_key(frames: FrameContext, local_frames: int) -> bool:
+  """Whether the temporal attention over ``local_frames`` runs as :func:`dual_scope_attention_zero_key`: dual
+  scope on one device whose frames make one query block (every key a query needs is then a frame of its own
+  clip, or a zero beyond the video's ends)."""
+  cfg = frames.temporal
+  return (
+    cfg.attention == "dual"
+    and frames.axis_name is None
+    and query_block(local_frames, cfg.window, cfg.query_block) == local_frames
+  )
+
+
+def dual_scope_attention_zero_key(q, k, v, t, frames: FrameContext, *, implementation: str = "xla") -> jax.Array:
+  """:func:`dual_scope_attention` on one device holding the whole video in one query block, without a copy of K/V.
+
+  q/k/v: [B, T+1, M, H, D]: the T frames and a zero frame after them (``BasicTransformerBlock``'s
+  ``zero_token``); returns [B, T+1, M, H, D] (the last frame is meaningless). The official key set of query i,
+  [P zeros | T frames | P zeros | G global frames] (plus the halo masking of ``video_ends='mask'``), has
+  each frame once or twice (in the window and among the global frames) and zeros: a key's copies have the
+  same logit, so one copy with bias ``log(sum of exp(bias of each copy))`` gives the same softmax, and the
+  n_i visible zeros (logit 0, value 0) are one zero key with bias ``local bias + log(n_i)``. So the keys are
+  the clip's own frames and the zero frame: T+1 keys instead of T+2P+G, read in place.
+  """
+  cfg = frames.temporal
+  b, t1, m, h, d = q.shape
+  n, p = t1 - 1, cfg.window
+  i, j = np.arange(n)[:, None], np.arange(n)[None]
+  in_window = np.abs(i - j) <= p  # [T, T]
+  is_global = np.isin(np.arange(n), global_positions(n, cfg.num_global))[None]  # [1, T]
+  zeros_seen = np.maximum(0, p - np.arange(n)) + np.maximum(0, np.arange(n) + p - (n - 1))  # [T]
+  if cfg.video_ends == "mask":
+    zeros_seen = np.zeros_like(zeros_seen)
+  tb = jnp.asarray(t, jnp.float32).reshape(-1, 1, 1)  # [B, 1, 1]
+  local_bias = jnp.where(tb < cfg.local_phase_below, cfg.local_bias, 0.0)
+  global_bias = jnp.where(tb >= cfg.global_phase_from, cfg.global_bias, 0.0)
+  # exp of the larger of the two phase biases at most: no overflow for any bias a logit can carry
+  top = jnp.maximum(local_bias, global_bias)
+  weight = in_window * jnp.exp(local_bias - top) + is_global * jnp.exp(global_bias - top)  # [B, T, T]
+  frames_bias = jnp.where(weight > 0, top + jnp.log(jnp.where(weight > 0, weight, 1.0)), MASKED)
+  zero_bias = jnp.where(zeros_seen[:, None] > 0, local_bias + np.log(np.maximum(zeros_seen, 1))[:, None], MASKED)
+  bias = jnp.concatenate([frames_bias, jnp.broadcast_to(zero_bias, (b, n, 1))], axis=-1)  # [B, T, T+1]
+  bias = jnp.concatenate([bias, jnp.zeros((b, 1, n + 1), jnp.float32)], axis=1)  # the zero query: anything finite
+  o = attention(
+    _heads_folded(q),
+    _heads_folded(k),
+    _heads_folded(v),
+    bias=bias[:, None].astype(q.dtype),
+    implementation=implementation,
+  )
+  return o.reshape(b, t1, m, h, d)
 
 
 def _heads_folded(x: jax.Array) -> jax.Array:

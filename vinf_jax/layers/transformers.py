@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vinf_jax.layers.attention import BasicTransformerBlock, attention, temporal_attention
+from vinf_jax.layers.attention import (
+  BasicTransformerBlock,
+  attention,
+  dual_scope_attention_zero_key,
+  temporal_attention,
+  uses_zero_key,
+)
 from vinf_jax.layers.norm import GroupNorm, group_stats
 from vinf_jax.parallel import FrameContext
 
@@ -158,12 +164,15 @@ class TemporalTransformer(nnx.Module):
   def _mix_frames(self, h: jax.Array, t: jax.Array, frames: FrameContext) -> jax.Array:
     """h: [B, T, M, C] normalised tokens of M positions -> [B, T, M, C] (proj_in, block, proj_out)."""
     h = self.proj_in(h)
+    zero_key = uses_zero_key(frames, h.shape[1])
 
-    def self_fn(q, k, v):  # [B, T, M, heads, d]
+    def self_fn(q, k, v):  # [B, T, M, heads, d] ([B, T+1, ...] with the zero frame)
+      if zero_key:
+        return dual_scope_attention_zero_key(q, k, v, t, frames, implementation=self.impl)
       return temporal_attention(q, k, v, t, frames, implementation=self.impl)
 
     for blk in self.transformer_blocks:
-      h = blk(h, None, self_fn)
+      h = blk(h, None, self_fn, zero_token=zero_key)
     return self.proj_out(h)
 
   def _chunked(self, x: jax.Array, t: jax.Array, frames: FrameContext, positions: int) -> jax.Array:
