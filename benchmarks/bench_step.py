@@ -382,9 +382,9 @@ def _cache_entries(path: str) -> int:
   return len(list(p.iterdir())) if p and p.is_dir() else 0
 
 
-def step_compiler_options(bc: BenchConfig) -> dict:
+def step_compiler_options(bc: BenchConfig, num_devices: int = 1) -> dict:
   """The XLA options of the step's compile: the sampler's (unless turned off), then --compiler_options."""
-  base = (parallel.compiler_options() or {}) if bc.pipeline_compiler_options else {}
+  base = (parallel.compiler_options(num_devices) or {}) if bc.pipeline_compiler_options else {}
   return {**base, **dict(bc.compiler_options)}
 
 
@@ -428,7 +428,7 @@ def run_config(model, bc: BenchConfig, d: int, f: int, steps: int, plan) -> dict
     rec["lower_s"] = time.perf_counter() - t0
     entries = _cache_entries(bc.compilation_cache)
     t0 = time.perf_counter()
-    compiled = lowered.compile(compiler_options=step_compiler_options(bc) or None)
+    compiled = lowered.compile(compiler_options=step_compiler_options(bc, d) or None)
     rec["compile_s"] = time.perf_counter() - t0
     if bc.compilation_cache:  # a new entry: compiled (and written); none: loaded, compile_s is a load time
       rec["compile_cache"] = "miss" if _cache_entries(bc.compilation_cache) > entries else "hit"
@@ -710,7 +710,7 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
       "steps_timed": bc.steps,
       "compilation_cache": bc.compilation_cache or None,
       "time_budget_s": bc.time_budget_s or None,
-      "compiler_options": step_compiler_options(bc),
+      "compiler_options": {str(d): step_compiler_options(bc, d) for d in bc.devices},
     },
     "runs": [],
   }

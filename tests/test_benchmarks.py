@@ -431,13 +431,16 @@ def test_attention_check_logic():
 
 def test_step_compiler_options(monkeypatch):
   """The step compiles as the sampler does (parallel.compiler_options) unless told otherwise."""
-  monkeypatch.setattr(parallel, "compiler_options", lambda: {"xla_gpu_enable_triton_gemm": False})
+  monkeypatch.setattr(parallel, "compiler_options", lambda num_devices=1: {"xla_gpu_enable_triton_gemm": False})
   fv = bench_step.FV
   fv.unparse_flags()
   fv(["bench_step", "--compiler_options=xla_gpu_autotune_level=0"])
   try:
     bc = bench_step.config_from_flags(fv)
     assert bench_step.step_compiler_options(bc) == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+    monkeypatch.undo()
+    # the real options: none on CPU; on GPU cuBLAS GEMMs, and the latency-hiding scheduler on several devices
+    assert parallel.compiler_options(1) is None and parallel.compiler_options(4) is None
     fv.unparse_flags()
     fv(["bench_step", "--compiler_options=xla_gpu_enable_triton_gemm=true", "--nopipeline_compiler_options"])
     bc = bench_step.config_from_flags(fv)

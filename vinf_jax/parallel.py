@@ -202,14 +202,21 @@ def frames_spec() -> jax.sharding.PartitionSpec:
   return jax.sharding.PartitionSpec(None, FRAMES)
 
 
-def compiler_options() -> dict | None:
+def compiler_options(num_devices: int = 1) -> dict | None:
   """XLA options for compiling the step and the decoder on this backend (``Lowered.compile``).
 
   On GPU, GEMMs go to cuBLAS instead of Triton: the same step time (full UNet, 64 frames, H100: 280.2 ms
   against 281.8 ms) for a quarter less compile time (21.9 s against 29.0 s), as benchmarks/RESULTS.md
-  records.
+  records. On a mesh of several GPUs, XLA's latency-hiding scheduler may also move the halo ``ppermute``s
+  and the global frames' ``all_gather`` away from their consumers, so they overlap the spatial layers'
+  compute (not yet measured: no multi-GPU machine was lent since it was turned on).
   """
-  return {"xla_gpu_enable_triton_gemm": False} if jax.default_backend() == "gpu" else None
+  if jax.default_backend() != "gpu":
+    return None
+  opts = {"xla_gpu_enable_triton_gemm": False}
+  if num_devices > 1:
+    opts["xla_gpu_enable_latency_hiding_scheduler"] = True
+  return opts
 
 
 def frame_context(mesh: jax.sharding.Mesh, temporal: TemporalConfig) -> FrameContext:

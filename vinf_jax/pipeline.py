@@ -522,7 +522,7 @@ def _decoder(models: Models, mesh: jax.sharding.Mesh, latent_shape, chunk: int, 
   if models.compiled.get("decode_key") != key:
     models.compiled.pop("decode", None)
     vae_params, decode = make_decoder(models.vae, mesh, chunk)
-    decode_c = decode.lower(vae_params, x).compile(parallel.compiler_options())
+    decode_c = decode.lower(vae_params, x).compile(parallel.compiler_options(mesh.size))
     models.compiled.update(decode_key=key, decode=(vae_params, decode_c))
   return models.compiled["decode"]
 
@@ -691,7 +691,7 @@ def generate(
 
   t = time.perf_counter()
   if step is None:
-    step = den.step.lower(den.params, state, ctx_c, ctx_u, fps, seed).compile(parallel.compiler_options())
+    step = den.step.lower(den.params, state, ctx_c, ctx_u, fps, seed).compile(parallel.compiler_options(d))
     models.compiled["step"] = (den, step)
   timings["compile"] = time.perf_counter() - t
   log(
