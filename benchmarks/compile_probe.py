@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.bench_step import _option_value
 from vinf_jax import parallel, sampling
 from vinf_jax.config import TemporalConfig, preset
 from vinf_jax.models import unet3d
@@ -32,17 +33,6 @@ def zeros_model(cfg):
   graphdef, state = nnx.split(unet3d.abstract(cfg))
   state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
   return nnx.merge(graphdef, state)
-
-
-def option(v: str):
-  if v.lower() in ("true", "false"):
-    return v.lower() == "true"
-  for cast in (int, float):
-    try:
-      return cast(v)
-    except ValueError:
-      pass
-  return v
 
 
 def main(argv=None):
@@ -69,7 +59,7 @@ def main(argv=None):
   opts = dict(parallel.compiler_options() or {})
   for item in filter(None, a.compiler_options.split(",")):
     k, _, v = item.partition("=")
-    opts[k.strip()] = option(v.strip())
+    opts[k.strip()] = _option_value(v.strip())
   model = zeros_model(cfg)
   temporal = TemporalConfig(attention="dual", window=a.window, num_global=a.num_global)
   plan = sampling.make_plan(sampling.SamplerConfig())

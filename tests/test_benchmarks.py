@@ -4,6 +4,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import bench_step, results_table
@@ -447,3 +448,39 @@ def test_step_compiler_options(monkeypatch):
     assert bench_step.step_compiler_options(bc) == {"xla_gpu_enable_triton_gemm": True}
   finally:
     fv.unparse_flags()
+
+
+def test_kernel_probe_cpu_smoke(tmp_path):
+  """Every case of the probe runs (no error rows) and reports a time and a bandwidth."""
+  from benchmarks import kernel_probe
+
+  out = tmp_path / "probe.json"
+  kernel_probe.main(["--reps", "1", "--only", "copy,gn,geglu", "--json", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert len(rows) > 20 and not [r for r in rows if "error" in r]
+  assert all(r["ms"] > 0 and r["GB_per_s"] > 0 for r in rows)
+  assert any(r["case"].startswith("geglu L0 pallas") for r in rows)
+
+
+def test_step_check_compare(tmp_path):
+  """The comparison passes within the bf16 bound and fails past it, each bf16 version also against float32."""
+  from benchmarks import step_check
+
+  rng = np.random.default_rng(0)
+  ref = {f"t{t}": rng.standard_normal((2, 4, 3)) for t in step_check.TIMESTEPS}
+  close = {k: v + 2e-3 * rng.standard_normal(v.shape) for k, v in ref.items()}
+  far = {k: v + 0.2 for k, v in ref.items()}
+  np.savez(
+    tmp_path / "new.npz", **{f"bf16_{k}": v for k, v in close.items()}, **{f"f32_{k}": v for k, v in ref.items()}
+  )
+  np.savez(tmp_path / "old.npz", **{f"bf16_{k}": v for k, v in ref.items()})
+  np.savez(tmp_path / "bad.npz", **{f"bf16_{k}": v for k, v in far.items()})
+  assert (
+    step_check.main(
+      ["--compare", str(tmp_path / "new.npz"), str(tmp_path / "old.npz"), "--json", str(tmp_path / "c.json")]
+    )
+    == 0
+  )
+  rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+  assert [r["t"] for r in rows] == list(step_check.TIMESTEPS) and all(0 < r["new_vs_f32"] <= 1e-2 for r in rows)
+  assert step_check.main(["--compare", str(tmp_path / "bad.npz"), str(tmp_path / "old.npz")]) == 1
