@@ -92,3 +92,15 @@ def load_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
   if path.endswith(".safetensors"):
     return load_safetensors(path)
   return torch_sources(unwrap_state_dict(load_torch_file(path)))
+
+
+def load_tensor_list(path: str | os.PathLike) -> list[SourceTensor]:
+  """A torch-saved plain list of tensors (T2V-Turbo v1's ``unet_lora.pt``), as lazy float32 sources."""
+  torch = _torch()
+  obj = load_torch_file(path)
+  if not isinstance(obj, list | tuple):
+    raise ValueError(f"{os.fspath(path)} holds a {type(obj).__name__}, expected a list of tensors (unet_lora.pt)")
+  bad = [i for i, v in enumerate(obj) if not isinstance(v, torch.Tensor)]
+  if bad:
+    raise ValueError(f"{os.fspath(path)}: list entries {bad[:8]} are not tensors")
+  return list(torch_sources({str(i): v for i, v in enumerate(obj)}).values())

@@ -25,6 +25,7 @@ _RES = {
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _TOP = {"time_embed": "time_embed", "fps_embedding": "fps_embedding", "out_norm": "out.0", "out_conv": "out.2"}
 _MLP = {"linear_1": "0", "linear_2": "2"}
+TURBO_KEYS = ("time_cond_proj", "motion_cond_proj", "combine_proj")
 
 
 def _inner(parts: list[str]) -> list[str]:
@@ -56,6 +57,8 @@ def original_key(path: Path) -> str:
   parts = [str(p) for p in path]
   leaf = _LEAF[parts[-1]]
   head, rest = parts[0], parts[:-1]
+  if head in TURBO_KEYS:  # T2V-Turbo's conditioning projections: Linear without bias, at the top level
+    return f"{head}.{leaf}"
   if head in ("time_embed", "fps_embedding"):
     return f"{head}.{_MLP[rest[1]]}.{leaf}"
   if head in ("out_norm", "out_conv"):
@@ -101,6 +104,10 @@ def diffusers_key(key: str, cfg: UNetConfig) -> str:
   if m:
     head = "time_embedding" if m[1] == "time_embed" else "fps_embedding"
     return f"{head}.linear_{1 if m[2] == '0' else 2}.{m[3]}"
+  if key == "time_cond_proj.weight":  # UNet3DConditionModel(time_cond_proj_dim=...)
+    return "time_embedding.cond_proj.weight"
+  if key.split(".")[0] in TURBO_KEYS:
+    raise KeyError(f"{key!r} (T2V-Turbo-v2's motion conditioning) has no diffusers UNet3DConditionModel name")
   if key.startswith("input_blocks.0.0."):
     return "conv_in." + key.split(".")[-1]
   if key.startswith("init_attn.0."):

@@ -2,6 +2,10 @@ r"""Convert VideoCrafter2 weights from PyTorch into a vinf_jax model directory.
 
   # the original checkpoint (UNet, VAE, text encoder, schedule buffers; tokenizer from open_clip)
   python -m convert.videocrafter2 --ckpt model.ckpt --out weights/videocrafter2
+  # T2V-Turbo (VC2): the merged v1 checkpoint; or v1's LoRA list on model.ckpt; or v2's UNet with model.ckpt
+  python -m convert.videocrafter2 --ckpt t2v_turbo_vc2.pt --out weights/t2v_turbo
+  python -m convert.videocrafter2 --ckpt model.ckpt --turbo_lora unet_lora.pt --out weights/t2v_turbo_lora
+  python -m convert.videocrafter2 --ckpt model.ckpt --turbo_unet unet_mg.pt --out weights/t2v_turbo_v2
   # the diffusers-format UNet port (+ optionally a diffusers VAE and a transformers CLIPTextModel)
   python -m convert.videocrafter2 --diffusers_unet unet/diffusion_pytorch_model.safetensors \
       [--diffusers_vae vae/diffusion_pytorch_model.safetensors] [--clip_text_model text_encoder/model.safetensors] \
@@ -30,9 +34,9 @@ from collections.abc import Mapping
 import numpy as np
 from absl import app, flags
 
-from convert import common, text_table, unet_table, vae_table
+from convert import common, text_table, turbo, unet_table, vae_table
 from convert.common import ConversionError, SourceTensor
-from convert.torch_io import UnsafeCheckpointError, load_sources
+from convert.torch_io import UnsafeCheckpointError, load_sources, load_tensor_list
 from vinf_jax import checkpoint, sampling, tokenizer
 from vinf_jax.config import ModelConfig, preset, to_dtype
 from vinf_jax.models import unet3d
@@ -48,6 +52,16 @@ _FLAGS = {
     None,
     "Original LatentDiffusion checkpoint (model.ckpt): "
     "{'state_dict': ...}, {'module': ...} (DeepSpeed) or a bare state dict.",
+  ),
+  "turbo_lora": flags.DEFINE_string(
+    "turbo_lora",
+    None,
+    "T2V-Turbo v1's unet_lora.pt (a list of LoRA up/down tensors), merged into --ckpt's UNet in float32.",
+  ),
+  "turbo_unet": flags.DEFINE_string(
+    "turbo_unet",
+    None,
+    "T2V-Turbo-v2's UNet state dict (unet_mg.pt / unet_no_mg.pt, no prefix): the UNet, with --ckpt's VAE and text.",
   ),
   "diffusers_unet": flags.DEFINE_string(
     "diffusers_unet",
@@ -174,10 +188,16 @@ def run(
   diffusers_vae: str | None = None,
   clip_text_model: str | None = None,
   tokenizer_spec: str | None = None,
+  turbo_lora: str | None = None,
+  turbo_unet: str | None = None,
 ) -> None:
   """Convert and write ``out`` atomically (library entry point of the CLI; raises on any mismatch)."""
   if (ckpt is None) == (diffusers_unet is None):
     raise ValueError("give exactly one of --ckpt and --diffusers_unet")
+  if (turbo_lora or turbo_unet) and ckpt is None:
+    raise ValueError("--turbo_lora / --turbo_unet go with --ckpt model.ckpt (VideoCrafter2's, for the rest)")
+  if turbo_lora and turbo_unet:
+    raise ValueError("give at most one of --turbo_lora (v1) and --turbo_unet (v2)")
   if ckpt is not None and (diffusers_vae or clip_text_model):
     raise ValueError("--diffusers_vae/--clip_text_model go with --diffusers_unet; --ckpt already holds them")
   out = os.path.abspath(out)
@@ -194,7 +214,11 @@ def run(
       print(f"reading {ckpt}")
       parts = split_original(load_sources(ckpt))
       print(f"  schedule buffers: {check_buffers(parts['buffers'])} checked against the sampler's schedule")
-      _save(tmp, "unet", convert_unet(parts["unet"], cfg, "original", np_dtype))
+      unet_src, turbo_meta = turbo_unet_sources(parts["unet"], cfg, turbo_lora=turbo_lora, turbo_unet=turbo_unet)
+      cfg = turbo.detect(cfg, unet_src)
+      if cfg.unet.time_cond_proj_dim:
+        print(f"  UNet: T2V-Turbo ({cfg.name})")
+      _save(tmp, "unet", convert_unet(unet_src, cfg, "original", np_dtype))
       gc.collect()
       _save(tmp, "vae", vae_table.convert_vae(parts["vae"], cfg.vae, layout="ldm"))
       gc.collect()
@@ -223,6 +247,8 @@ def run(
       "stored_dtype": dtype,
       "source": os.path.basename(ckpt or diffusers_unet),
     }
+    if ckpt is not None and turbo_meta:
+      meta["turbo"] = turbo_meta
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(meta, f, indent=1)
     os.rename(tmp, out)
@@ -230,6 +256,27 @@ def run(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   print(f"wrote {out}: {', '.join(components)}")
+
+
+def turbo_unet_sources(
+  unet: dict, cfg: ModelConfig, *, turbo_lora: str | None, turbo_unet: str | None
+) -> tuple[dict, dict | None]:
+  """The UNet's sources: --ckpt's own (VideoCrafter2, or a merged T2V-Turbo checkpoint), v2's UNet file
+  instead of them, or them with v1's LoRA list merged in; and what to record about it (None: nothing)."""
+  if turbo_unet:
+    print(f"reading {turbo_unet} (the UNet; --ckpt gives the VAE, the text encoder and the schedule)")
+    src = turbo.strip_unet_prefix(load_sources(turbo_unet), UNET_PREFIX)
+    return src, {"layout": "v2 UNet state dict", "unet": os.path.basename(turbo_unet)}
+  if turbo_lora:
+    print(f"reading {turbo_lora} (T2V-Turbo v1 LoRA list)")
+    src, info = turbo.merge_lora(unet, load_tensor_list(turbo_lora), model_channels=cfg.unet.model_channels)
+    print(
+      f"  {info.pairs} LoRA pairs merged in float32; time_cond_proj's base drawn from seed {turbo.TIME_COND_BASE_SEED}"
+    )
+    return src, {"layout": "v1 LoRA list", "lora": os.path.basename(turbo_lora), **dataclasses.asdict(info)}
+  if turbo.TIME_COND in unet:
+    return unet, {"layout": "v1 merged checkpoint"}
+  return unet, None
 
 
 def _weights_file(path: str) -> str:
@@ -251,11 +298,11 @@ def check_manifest(path: str) -> int:
   """Map every tensor of a manifest onto the abstract full-size model; print one line per component."""
   manifest = json.loads(open(path).read())
   shapes = {k: tuple(v) for k, v in manifest["tensors"].items()}
-  cfg = preset("videocrafter2")
   unet = {k[len(UNET_PREFIX) :]: s for k, s in shapes.items() if k.startswith(UNET_PREFIX)}
+  cfg = turbo.detect(preset("videocrafter2"), {k: common.SourceTensor(tuple(s), lambda: None) for k, s in unet.items()})
   targets = common.target_shapes(unet3d.abstract(cfg.unet))
   common.check_table(unet_table.original_table(targets), targets, unet, "UNet")
-  print(f"unet ({UNET_PREFIX}*): {len(unet)} tensors onto {len(targets)} parameters")
+  print(f"unet ({UNET_PREFIX}*, {cfg.name}): {len(unet)} tensors onto {len(targets)} parameters")
   n_vae = vae_table.check_manifest_vae(shapes)
   print(f"vae ({VAE_PREFIX}*): {n_vae} tensors")
   n_text = text_table.check_manifest_text(shapes, cfg.text)
@@ -294,6 +341,8 @@ def main(argv):
       diffusers_vae=f["diffusers_vae"],
       clip_text_model=f["clip_text_model"],
       tokenizer_spec=f["tokenizer"],
+      turbo_lora=f["turbo_lora"],
+      turbo_unet=f["turbo_unet"],
     )
   except (ConversionError, UnsafeCheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
 
 class ReferenceUNet(torch.nn.Module):
   def __init__(self, cfg: UNetConfig, seed: int = 0):
+    """``cfg.time_cond_proj_dim`` > 0 builds diffusers' guidance-embedding projection too (T2V-Turbo)."""
     super().__init__()
     chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
     self.unet = UNet3DConditionModel(
@@ -43,6 +44,7 @@ class ReferenceUNet(torch.nn.Module):
       attention_head_dim=cfg.num_head_channels,
       norm_num_groups=cfg.num_groups,
       norm_eps=1e-5,
+      time_cond_proj_dim=cfg.time_cond_proj_dim or None,
     )
     self.fps_proj = Timesteps(cfg.model_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
     self.unet.fps_embedding = TimestepEmbedding(cfg.model_channels, cfg.time_embed_dim)
@@ -53,13 +55,19 @@ class ReferenceUNet(torch.nn.Module):
     return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
 
   @torch.no_grad()
-  def forward(self, x: np.ndarray, t: np.ndarray, context: np.ndarray, fps: np.ndarray) -> np.ndarray:
-    """x [B, T, H, W, C] (this project's layout) -> eps in the same layout."""
+  def forward(
+    self, x: np.ndarray, t: np.ndarray, context: np.ndarray, fps: np.ndarray, timestep_cond: np.ndarray | None = None
+  ) -> np.ndarray:
+    """x [B, T, H, W, C] (this project's layout) -> eps in the same layout; ``timestep_cond``: the guidance
+    embedding [B, time_cond_proj_dim] of a T2V-Turbo UNet."""
     fps_emb = self.unet.fps_embedding(self.fps_proj(torch.from_numpy(fps)))
     self.unet.time_embedding.post_act = lambda h: h + fps_emb
     try:
       xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
-      out = self.unet(xt, torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(context)).sample
+      cond = None if timestep_cond is None else torch.from_numpy(np.asarray(timestep_cond, np.float32))
+      out = self.unet(
+        xt, torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(context), timestep_cond=cond
+      ).sample
     finally:
       self.unet.time_embedding.post_act = None
     return out.numpy().transpose(0, 2, 3, 4, 1)

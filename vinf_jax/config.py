@@ -54,6 +54,11 @@ class UNetConfig:
     context_dim: width of the text context for cross-attention.
     init_attn_heads: heads of ``init_attn`` (its inner width is heads * num_head_channels).
     fps_cond: add the fps embedding to the time embedding.
+    time_cond_proj_dim: width of the guidance (w) embedding that ``time_cond_proj`` (Linear to model_channels,
+      no bias) adds to the timestep embedding: 256 in the T2V-Turbo models (guidance distilled into the
+      UNet), 0 = none (VideoCrafter2).
+    motion_cond: T2V-Turbo-v2's motion conditioning: ``motion_cond_proj`` embeds the motion scale like w, and
+      ``combine_proj`` (Linear 2*model_channels -> model_channels, no bias) mixes the two conditions.
     num_groups: GroupNorm groups everywhere in the UNet.
     dtype: compute dtype name; normalisation statistics and softmax are always float32.
     param_dtype: dtype name the parameters are held in.
@@ -72,6 +77,8 @@ class UNetConfig:
   context_dim: int = 1024
   init_attn_heads: int = 8
   fps_cond: bool = True
+  time_cond_proj_dim: int = 0
+  motion_cond: bool = False
   num_groups: int = 32
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -105,6 +112,16 @@ class UNetConfig:
       e,
       self.attention_impl in ("auto", "xla", "cudnn"),
       f"attention_impl={self.attention_impl!r}, expected 'auto', 'xla' or 'cudnn'",
+    )
+    _check(
+      e,
+      isinstance(self.time_cond_proj_dim, int) and self.time_cond_proj_dim >= 0 and self.time_cond_proj_dim % 2 == 0,
+      f"time_cond_proj_dim={self.time_cond_proj_dim!r}, expected an even integer >= 0 (0: no guidance embedding)",
+    )
+    _check(
+      e,
+      not self.motion_cond or self.time_cond_proj_dim > 0,
+      f"motion_cond=True needs a guidance embedding (time_cond_proj_dim > 0), got {self.time_cond_proj_dim}",
     )
     _check(
       e,
@@ -260,7 +277,26 @@ TINY = ModelConfig(
   text=TextConfig(width=32, heads=4, layers=3, layers_used=2),
 )
 
-PRESETS = {"videocrafter2": VIDEOCRAFTER2, "tiny": TINY}
+
+def turbo(cfg: ModelConfig, *, motion: bool = False) -> ModelConfig:
+  """``cfg`` as a T2V-Turbo model: the guidance embedding (v1), and with ``motion`` v2's motion conditioning."""
+  name = cfg.name + ("_turbo_v2" if motion else "_turbo")
+  return dataclasses.replace(
+    cfg, name=name, unet=dataclasses.replace(cfg.unet, time_cond_proj_dim=256, motion_cond=motion)
+  )
+
+
+PRESETS = {
+  m.name: m
+  for m in (
+    VIDEOCRAFTER2,
+    TINY,
+    turbo(VIDEOCRAFTER2),  # T2V-Turbo (VC2), v1: time_cond_proj
+    turbo(VIDEOCRAFTER2, motion=True),  # T2V-Turbo-v2: + motion_cond_proj, combine_proj
+    turbo(TINY),
+    turbo(TINY, motion=True),
+  )
+}
 
 
 def preset(name: str) -> ModelConfig:

@@ -232,8 +232,9 @@ class Denoiser:
   Attributes:
     init: ``(seed) -> SamplerState``: x_T drawn per global frame on the devices that hold it.
     step: ``(params, state, ctx_cond, ctx_uncond, fps, seed) -> SamplerState``: both guidance
-      branches of the UNet and the sampler update for every frame, one XLA program; ``state`` is
-      donated, so the latents stay where they are.
+      branches of the UNet (one conditional call with the embedded guidance for an unguided plan, T2V-Turbo's)
+      and the sampler update for every frame, one XLA program; ``state`` is donated, so the latents stay
+      where they are.
     params: the UNet's state, replicated over the mesh.
     num_steps: steps of the plan.
   """
@@ -275,6 +276,9 @@ def make_denoiser(
     raise ValueError(f"frame_chunk={frame_chunk!r}, expected an int >= 0 (0: no chunking)")
   b, n, h, w, c = latent_shape
   d = mesh.shape[FRAMES]
+  if plan.guided == bool(model.cfg.time_cond_proj_dim):
+    need = "without a guidance embedding (for CFG)" if plan.guided else "with time_cond_proj (T2V-Turbo)"
+    raise ValueError(f"the {plan.name!r} sampler needs a UNet {need}")
   temporal.validate()
   check_frames(n, d, temporal)
   t_loc = n // d
@@ -297,12 +301,20 @@ def make_denoiser(
     # state.x: [B, T, h, w, c] local frames; ctx: [B, S, C] or [B, T, S, C]; fps: [B]
     unet = nnx.merge(graphdef, params)
     t = sampling.timestep(plan, state.i)
-    x2 = jnp.concatenate([state.x, state.x], axis=0)  # [2B, T, ...]: (uncond, cond)
-    ctx2, fps2 = jnp.concatenate([ctx_u, ctx_c], axis=0), jnp.concatenate([fps, fps])
-    eps = unet(x2, t, ctx2, fps2, frames=frames, frame_chunk=frame_chunk)
     noise = None
     if plan.stochastic:
       noise = sampling.batch_frame_noise(seed, state.i, frame_index(), (h, w, c), b)
+    if not plan.guided:
+      # T2V-Turbo: one UNet call on the conditional branch, the guidance scale (and v2's motion scale of
+      # this step) embedded into the UNet; ctx_u is not used.
+      cond = {"guidance": jnp.asarray(plan.guidance)}
+      if model.cfg.motion_cond:
+        cond["motion"] = jnp.asarray(plan.motion)[state.i]
+      eps = unet(state.x, t, ctx_c, fps, **cond, frames=frames, frame_chunk=frame_chunk)
+      return sampling.step(plan, state, None, eps, noise)
+    x2 = jnp.concatenate([state.x, state.x], axis=0)  # [2B, T, ...]: (uncond, cond)
+    ctx2, fps2 = jnp.concatenate([ctx_u, ctx_c], axis=0), jnp.concatenate([fps, fps])
+    eps = unet(x2, t, ctx2, fps2, frames=frames, frame_chunk=frame_chunk)
     return sampling.step(plan, state, eps[:b], eps[b:], noise)
 
   init = jax.jit(jax.shard_map(init_body, mesh=mesh, in_specs=P(), out_specs=state_spec, check_vma=False))

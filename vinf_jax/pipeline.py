@@ -55,9 +55,14 @@ class GenerationConfig:
     height, width: video size in pixels (multiples of the VAE x UNet downsampling, 64).
     fps: the frame rate the UNet is conditioned on (VideoCrafter2: 28 for its 16 frames; Video-Infinity 24).
     seed: noise seed; the video depends only on it and the settings, not on the device count.
-    sampler: 'dpmpp_sde' or 'ddim'. steps, guidance, eta, ddim_exact_steps: see SamplerConfig.
+    sampler: 'dpmpp_sde', 'ddim' or 'turbo' (T2V-Turbo weights). steps, eta, ddim_exact_steps, turbo_origin,
+      motion_scale, motion_cutoff: see SamplerConfig.
+    guidance: see SamplerConfig; None: 12 for the guided samplers, 7.5 (the embedded w) for 'turbo'.
     attention, window, num_global, global_phase_from, local_phase_below, global_bias, local_bias,
       video_ends, group_norm, query_block: see TemporalConfig.
+    global_phase_steps: K > 0: dual-scope attention's global phase covers the first K sampling steps and the
+      local phase the rest, whatever their timesteps (the thresholds become the K-th step's timestep);
+      0: the timestep thresholds global_phase_from / local_phase_below (the paper's rule).
     dtype: 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16' or 'float16'.
     num_devices: 0 = every device of every process; K = the first K local devices (one process).
     frame_chunk: frames per chunk of the UNet's per-frame layers (0 = all local frames at once).
@@ -88,9 +93,12 @@ class GenerationConfig:
   # The sampler's and the temporal options' own defaults, flattened (attention: Video-Infinity's dual scope).
   sampler: str = _SAMPLER.name
   steps: int = _SAMPLER.steps
-  guidance: float = _SAMPLER.guidance
+  guidance: float | None = None
   eta: float = _SAMPLER.eta
   ddim_exact_steps: bool = _SAMPLER.ddim_exact_steps
+  turbo_origin: int = _SAMPLER.turbo_origin
+  motion_scale: float = _SAMPLER.motion_scale
+  motion_cutoff: float = _SAMPLER.motion_cutoff
   attention: str = "dual"
   window: int = _TEMPORAL.window
   num_global: int = _TEMPORAL.num_global
@@ -101,6 +109,7 @@ class GenerationConfig:
   video_ends: str = _TEMPORAL.video_ends
   group_norm: str = _TEMPORAL.group_norm
   query_block: int = _TEMPORAL.query_block
+  global_phase_steps: int = 0
   dtype: str = "auto"
   num_devices: int = 0
   frame_chunk: int = 0
@@ -115,14 +124,31 @@ class GenerationConfig:
   compilation_cache_dir: str = ""
   compile_only: bool = False
 
+  def resolved_guidance(self) -> float:
+    if self.guidance is not None:
+      return self.guidance
+    return sampling.TURBO_GUIDANCE if self.sampler == "turbo" else _SAMPLER.guidance
+
   def sampler_config(self) -> sampling.SamplerConfig:
-    return sampling.SamplerConfig(
-      name=self.sampler, steps=self.steps, guidance=self.guidance, eta=self.eta, ddim_exact_steps=self.ddim_exact_steps
-    )
+    names = [f.name for f in dataclasses.fields(sampling.SamplerConfig) if f.name not in ("name", "guidance")]
+    kw = {n: getattr(self, n) for n in names}
+    return sampling.SamplerConfig(name=self.sampler, guidance=self.resolved_guidance(), **kw)
 
   def temporal_config(self) -> TemporalConfig:
+    """The temporal options; with ``global_phase_steps`` K > 0 both phase thresholds are the K-th sampling
+    step's timestep (the sampler's timesteps fall strictly), so exactly the first K steps are global."""
     names = [f.name for f in dataclasses.fields(TemporalConfig)]
-    return TemporalConfig(**{n: getattr(self, n) for n in names})
+    temporal = TemporalConfig(**{n: getattr(self, n) for n in names})
+    k = self.global_phase_steps
+    if isinstance(k, int) and k > 0:
+      try:
+        ts = sampling.make_plan(self.sampler_config()).timesteps
+      except ValueError:  # reported by validate() with the sampler's own messages
+        return temporal
+      if k <= len(ts):
+        t_k = float(ts[k - 1])
+        temporal = dataclasses.replace(temporal, global_phase_from=t_k, local_phase_below=t_k)
+    return temporal
 
   def resolved_dtype(self) -> str:
     if self.dtype != "auto":
@@ -209,6 +235,29 @@ def validate(cfg: GenerationConfig) -> _Plan:
       cfg.sampler_config().validate()
     except ValueError as err:
       e += [ln.strip()[2:] for ln in str(err).splitlines()[1:]]
+  k = cfg.global_phase_steps
+  if not (isinstance(k, int) and k >= 0):
+    e.append(f"global_phase_steps={k!r}, expected an integer >= 0 (0: the timestep thresholds)")
+  elif k and cfg.sampler in sampling.SAMPLERS:
+    try:
+      n = sampling.num_steps(sampling.make_plan(cfg.sampler_config()))
+      if k > n:
+        e.append(f"global_phase_steps={k} is more than the {n} sampling steps of {cfg.sampler!r} {cfg.steps} steps")
+    except ValueError:
+      pass  # the sampler's own errors are listed above
+  if model is not None and cfg.sampler in sampling.SAMPLERS:
+    turbo_model = bool(model.unet.time_cond_proj_dim)
+    source = f"weights={cfg.weights!r}" if cfg.weights else f"model={cfg.model!r}"
+    if cfg.sampler == "turbo" and not turbo_model:
+      e.append(
+        f"sampler='turbo' needs T2V-Turbo weights (a UNet with time_cond_proj), but {source} is "
+        f"{model.name!r}; convert t2v_turbo_vc2.pt (or --turbo_lora / --turbo_unet), or use a guided sampler"
+      )
+    elif cfg.sampler != "turbo" and turbo_model:
+      e.append(
+        f"{source} is a T2V-Turbo model ({model.name!r}: guidance distilled into the UNet): use sampler='turbo' "
+        f"(not {cfg.sampler!r}, whose classifier-free guidance such a UNet was not trained for)"
+      )
   temporal = cfg.temporal_config()
   try:
     temporal.validate()
@@ -542,6 +591,12 @@ def _fingerprint(cfg: GenerationConfig) -> dict:
   d["prompts"] = list(d["prompts"])
   d["weights"] = os.path.abspath(d["weights"]) if d["weights"] else ""
   d["dtype"] = cfg.resolved_dtype()
+  d["guidance"] = cfg.resolved_guidance()
+  # settings newer than the first saved states: recorded only where they matter, so those states still resume
+  if cfg.sampler == "turbo":
+    d.update(turbo_origin=cfg.turbo_origin, motion_scale=cfg.motion_scale, motion_cutoff=cfg.motion_cutoff)
+  if cfg.global_phase_steps:
+    d["global_phase_steps"] = cfg.global_phase_steps
   d["num_devices"] = cfg.num_devices or jax.device_count()
   return d
 
@@ -626,7 +681,7 @@ def generate(
   log(
     f"{cfg.frames} frames at {cfg.height}x{cfg.width} over {d} device(s) "
     f"({jax.process_count()} process(es), {jax.devices()[0].device_kind}), dtype {plan.dtype}, "
-    f"{cfg.sampler} {cfg.steps} steps, guidance {cfg.guidance:g}, {cfg.attention} attention"
+    f"{cfg.sampler} {cfg.steps} steps, guidance {cfg.resolved_guidance():g}, {cfg.attention} attention"
   )
 
   t = time.perf_counter()
@@ -695,7 +750,7 @@ def generate(
     models.compiled["step"] = (den, step)
   timings["compile"] = time.perf_counter() - t
   log(
-    f"compiled the guided step in {timings['compile']:.1f} s "
+    f"compiled the {'guided' if splan.guided else 'turbo'} step in {timings['compile']:.1f} s "
     f"(load {timings['load']:.1f} s, text {timings['encode']:.1f} s)"
   )
 
@@ -703,7 +758,9 @@ def generate(
     "prompts": prompts,
     "negative_prompt": cfg.negative_prompt,
     "seed": cfg.seed,
-    "settings": dataclasses.asdict(cfg) | {"dtype": plan.dtype, "model": mcfg.name},
+    "settings": dataclasses.asdict(cfg)
+    | {"dtype": plan.dtype, "model": mcfg.name, "guidance": cfg.resolved_guidance()}
+    | {k: getattr(cfg.temporal_config(), k) for k in ("global_phase_from", "local_phase_below")},
     "model": json.loads(mcfg.to_json()),
     "devices": {
       "count": d,

@@ -65,7 +65,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   "model",
   _D.model,
-  "Model preset (tiny, videocrafter2): the random-weights model, or a check of --weights.",
+  "Model preset (tiny, videocrafter2, and their _turbo / _turbo_v2 variants): the random-weights model, or a "
+  "check of --weights.",
   flag_values=F,
 )
 flags.DEFINE_integer("weights_seed", _D.weights_seed, "Seed of random weights (without --weights).", flag_values=F)
@@ -73,9 +74,31 @@ flags.DEFINE_enum(
   "dtype", _D.dtype, DTYPES, "Compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU.", flag_values=F
 )
 # Sampler
-flags.DEFINE_string("sampler", _D.sampler, "dpmpp_sde (Video-Infinity) or ddim (VideoCrafter2).", flag_values=F)
+flags.DEFINE_string(
+  "sampler",
+  _D.sampler,
+  "dpmpp_sde (Video-Infinity), ddim (VideoCrafter2) or turbo (T2V-Turbo weights: one UNet call per step).",
+  flag_values=F,
+)
 flags.DEFINE_integer("steps", _D.steps, "Sampling steps (DDIM may run more; see --ddim_exact_steps).", flag_values=F)
-flags.DEFINE_float("guidance", _D.guidance, "Classifier-free guidance scale (>= 0).", flag_values=F)
+flags.DEFINE_float(
+  "guidance",
+  _D.guidance,
+  "Classifier-free guidance scale (>= 0; default 12), or for --sampler=turbo the UNet's embedded w (default 7.5).",
+  flag_values=F,
+)
+flags.DEFINE_integer(
+  "turbo_origin", _D.turbo_origin, "turbo: the timestep grid (50: T2V-Turbo v1's; 200: v2's).", flag_values=F
+)
+flags.DEFINE_float(
+  "motion_scale", _D.motion_scale, "turbo on T2V-Turbo-v2 weights: the motion conditioning scale.", flag_values=F
+)
+flags.DEFINE_float(
+  "motion_cutoff",
+  _D.motion_cutoff,
+  "turbo on T2V-Turbo-v2 weights: no motion conditioning for timesteps < 1000 * (1 - this).",
+  flag_values=F,
+)
 flags.DEFINE_float("eta", _D.eta, "DDIM noise level (0 = deterministic; VideoCrafter2 uses 1).", flag_values=F)
 flags.DEFINE_bool(
   "ddim_exact_steps",
@@ -97,6 +120,12 @@ flags.DEFINE_float(
 )
 flags.DEFINE_float(
   "local_phase_below", _D.local_phase_below, "Dual scope: timesteps < this bias the local window.", flag_values=F
+)
+flags.DEFINE_integer(
+  "global_phase_steps",
+  _D.global_phase_steps,
+  "Dual scope: K > 0 makes the first K sampling steps the global phase, the rest local (0: by timestep).",
+  flag_values=F,
 )
 flags.DEFINE_float(
   "global_bias", _D.global_bias, "Dual scope: logit bias on global keys in the global phase.", flag_values=F

@@ -57,7 +57,12 @@ SCALE_A = 1.0
 SCALE_B = 0.7
 BASE_SCALE_STEP = 400
 
-SAMPLERS = ("ddim", "dpmpp_sde")
+SAMPLERS = ("ddim", "dpmpp_sde", "turbo")
+GUIDED = ("ddim", "dpmpp_sde")  # classifier-free guidance: two UNet branches per step
+TURBO_ORIGINS = (50, 200)  # T2V-Turbo's training grid (v1) and the grid of v2 and the current demo
+TURBO_GUIDANCE = 7.5  # T2V-Turbo's default embedded w
+TURBO_TIMESTEP_SCALING = 10.0  # the consistency boundary condition's time scale (LCM's timestep_scaling)
+TURBO_SIGMA_DATA = 0.5
 
 # Streams of the noise key tree: initial latent and per-step (SDE / DDIM eta) noise never collide.
 _INITIAL_STREAM = 0
@@ -142,11 +147,16 @@ class SamplerConfig:
     name: 'dpmpp_sde' (Video-Infinity: diffusers' SDE-DPM-Solver++ 2M, midpoint, no Karras sigmas,
       'linspace' timesteps 999, 966, 932, ... for 30 steps; no ``scale_arr``) or 'ddim'
       (VideoCrafter2's own DDIM with ``scale_arr``; its script runs 50 steps, eta 1.0).
-    steps: requested number of sampling steps (1..500 for 'ddim', 1..999 for 'dpmpp_sde'). DDIM may run
-      more, see ``ddim_exact_steps``.
+    steps: requested number of sampling steps (1..500 for 'ddim', 1..999 for 'dpmpp_sde', 1..turbo_origin
+      for 'turbo'). DDIM may run more, see ``ddim_exact_steps``.
     guidance: classifier-free guidance scale g in ``e = e_u + g (e_c - e_u)`` (>= 0; both
-      VideoCrafter2 and Video-Infinity use 12).
+      VideoCrafter2 and Video-Infinity use 12); for 'turbo' (T2V-Turbo's consistency sampler: one UNet
+      call per step, no unconditional branch) the w embedded into the UNet (7.5).
     eta: DDIM noise level (0 = deterministic DDIM, 1 = VideoCrafter2's default). Ignored by 'dpmpp_sde'.
+    turbo_origin: 'turbo' only: the grid the few-step timesteps come from (50: T2V-Turbo v1's training grid;
+      200: v2's and the current demo's), see :func:`turbo_timesteps`.
+    motion_scale: 'turbo' on a T2V-Turbo-v2 UNet (motion conditioning) only: the motion scale m (0.05).
+    motion_cutoff: 'turbo' v2 only: m is 0 for timesteps t < 1000 * (1 - motion_cutoff) (0.5).
     ddim_exact_steps: DDIM only. False reproduces VideoCrafter2: timesteps ``arange(0, 1000, 1000 // steps)
       + 1``, which has more than ``steps`` entries when 1000 % steps != 0 (30 -> 31 steps, 991 down to 1;
       60 -> 63). True keeps exactly ``steps`` of them, the lowest ones (diffusers' DDIM 'leading' spacing
@@ -158,14 +168,29 @@ class SamplerConfig:
   guidance: float = 12.0
   eta: float = 1.0
   ddim_exact_steps: bool = False
+  turbo_origin: int = 50
+  motion_scale: float = 0.05
+  motion_cutoff: float = 0.5
+
+  @property
+  def guided(self) -> bool:
+    return self.name in GUIDED
 
   def validate(self) -> SamplerConfig:
     e: list[str] = []
     if self.name not in SAMPLERS:
       e.append(f"name={self.name!r}, expected one of {SAMPLERS}")
+    if self.name == "turbo":
+      if self.turbo_origin not in TURBO_ORIGINS:
+        e.append(f"turbo_origin={self.turbo_origin!r}, expected one of {TURBO_ORIGINS}")
+      if not (np.isfinite(self.motion_scale) and self.motion_scale >= 0):
+        e.append(f"motion_scale={self.motion_scale!r}, expected a finite value >= 0")
+      if not (np.isfinite(self.motion_cutoff) and 0 <= self.motion_cutoff <= 1):
+        e.append(f"motion_cutoff={self.motion_cutoff!r}, expected a value in [0, 1]")
     # DDIM: 1000 // steps must be >= 2, else the top timestep is 1000 (VideoCrafter2 fails there too);
-    # DPM-Solver: 1000 steps would repeat a timestep.
-    max_steps = {"ddim": NUM_TRAIN_TIMESTEPS // 2}.get(self.name, NUM_TRAIN_TIMESTEPS - 1)
+    # DPM-Solver: 1000 steps would repeat a timestep; turbo: at most every timestep of its grid.
+    origin = self.turbo_origin if self.turbo_origin in TURBO_ORIGINS else max(TURBO_ORIGINS)
+    max_steps = {"ddim": NUM_TRAIN_TIMESTEPS // 2, "turbo": origin}.get(self.name, NUM_TRAIN_TIMESTEPS - 1)
     if not (isinstance(self.steps, int | np.integer) and 1 <= self.steps <= max_steps):
       e.append(f"steps={self.steps!r}, expected an integer in 1..{max_steps} for {self.name!r}")
     elif self.name == "ddim" and (top := int(ddim_timesteps(int(self.steps), bool(self.ddim_exact_steps)).max())) > 999:
@@ -197,10 +222,13 @@ class SamplerPlan:
   or close over it), ``name`` and ``stochastic`` are static.
 
   Attributes:
-    name: the sampler, 'ddim' or 'dpmpp_sde'.
+    name: the sampler, 'ddim', 'dpmpp_sde' or 'turbo'.
     stochastic: whether any step uses noise (False: ``step`` accepts ``noise=None``).
+    guided: classifier-free guidance (two UNet branches per step); False for 'turbo', whose UNet takes
+      the guidance scale as an input (one call per step).
     timesteps: int32 [S], the UNet timestep of each step.
-    guidance: float32 [], the classifier-free guidance scale.
+    guidance: float32 [], the classifier-free guidance scale (for 'turbo': the UNet's embedded w).
+    motion: float32 [S], the motion scale of each step ('turbo' on a v2 UNet; zeros otherwise).
     x0_from_x, x0_from_eps: float32 [S], ``x0 = x0_from_x * x - x0_from_eps * e``.
     coef_x, coef_x0, coef_prev_x0, coef_eps, coef_noise: float32 [S], the update
       ``x' = coef_x x + coef_x0 x0 + coef_prev_x0 x0_prev + coef_eps e + coef_noise z``.
@@ -208,8 +236,10 @@ class SamplerPlan:
 
   name: str
   stochastic: bool
+  guided: bool
   timesteps: np.ndarray
   guidance: np.ndarray
+  motion: np.ndarray
   x0_from_x: np.ndarray
   x0_from_eps: np.ndarray
   coef_x: np.ndarray
@@ -219,7 +249,7 @@ class SamplerPlan:
   coef_noise: np.ndarray
 
 
-_PLAN_META = ("name", "stochastic")
+_PLAN_META = ("name", "stochastic", "guided")
 _PLAN_ARRAYS = tuple(f.name for f in dataclasses.fields(SamplerPlan) if f.name not in _PLAN_META)
 jax.tree_util.register_dataclass(SamplerPlan, data_fields=list(_PLAN_ARRAYS), meta_fields=list(_PLAN_META))
 
@@ -258,6 +288,41 @@ def dpm_timesteps(steps: int) -> np.ndarray:
   numpy rounds halves to even (832.5 -> 832), which is what diffusers gets.
   """
   return np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+
+
+def turbo_timesteps(steps: int, origin: int = 50) -> np.ndarray:
+  """T2V-Turbo's few-step timesteps, descending: every ``origin // steps``-th of the grid
+  ``[1..origin] * (1000 // origin) - 1`` from the top, the first ``steps`` of them.
+
+  origin 50: 4 steps 999, 759, 519, 279; 8 steps 999, 879, ..., 159. origin 200: 4 steps 999, 749, 499, 249.
+  """
+  c = NUM_TRAIN_TIMESTEPS // origin
+  grid = np.arange(1, origin + 1) * c - 1
+  return grid[:: -(origin // steps)][:steps].astype(np.int64)
+
+
+def _turbo_coefficients(cfg: SamplerConfig, abar: np.ndarray) -> dict[str, np.ndarray]:
+  # The consistency step: x0 = (x - sqrt(1 - a) e) / sqrt(a); with s = 10 t, c_skip = 0.25 / (s^2 + 0.25) and
+  # c_out = s / sqrt(s^2 + 0.25), denoised = c_out x0 + c_skip x (the stored x0, decoded at the end); then
+  # x' = sqrt(a_next) denoised + sqrt(1 - a_next) z, except after the last step (x' = denoised).
+  ts = turbo_timesteps(cfg.steps, cfg.turbo_origin)
+  a = abar[ts]
+  sc = TURBO_TIMESTEP_SCALING * ts.astype(np.float64)
+  sd2 = TURBO_SIGMA_DATA**2
+  c_skip, c_out = sd2 / (sc**2 + sd2), sc / np.sqrt(sc**2 + sd2)
+  a_next = np.append(abar[ts[1:]], 1.0)  # 1: the last step adds no noise and keeps denoised as it is
+  zeros = np.zeros_like(a)
+  return {
+    "timesteps": ts,
+    "x0_from_x": c_out / np.sqrt(a) + c_skip,
+    "x0_from_eps": c_out * np.sqrt(1.0 - a) / np.sqrt(a),
+    "coef_x": zeros,
+    "coef_x0": np.sqrt(a_next),
+    "coef_prev_x0": zeros,
+    "coef_eps": zeros,
+    "coef_noise": np.sqrt(1.0 - a_next),
+    "motion": np.where(ts >= NUM_TRAIN_TIMESTEPS * (1.0 - cfg.motion_cutoff), cfg.motion_scale, 0.0),
+  }
 
 
 def _ddim_coefficients(cfg: SamplerConfig, abar: np.ndarray, scale_arr: np.ndarray) -> dict[str, np.ndarray]:
@@ -333,8 +398,11 @@ def make_plan(cfg: SamplerConfig, *, alphas_cumprod: np.ndarray | None = None) -
   abar = abar.astype(np.float64)
   if cfg.name == "ddim":
     coef = _ddim_coefficients(cfg, abar, buffers["scale_arr"].astype(np.float64))
+  elif cfg.name == "turbo":
+    coef = _turbo_coefficients(cfg, abar)
   else:
     coef = _dpmpp_sde_coefficients(cfg, abar)
+  coef.setdefault("motion", np.zeros(len(coef["timesteps"])))
   arrays = {k: np.ascontiguousarray(v, dtype=np.int32 if k == "timesteps" else np.float32) for k, v in coef.items()}
   bad = [k for k, v in arrays.items() if not np.all(np.isfinite(v))]
   if bad:
@@ -342,6 +410,7 @@ def make_plan(cfg: SamplerConfig, *, alphas_cumprod: np.ndarray | None = None) -
   return SamplerPlan(
     name=cfg.name,
     stochastic=bool(np.any(arrays["coef_noise"] != 0)),
+    guided=cfg.guided,
     guidance=np.asarray(cfg.guidance, np.float32),
     **arrays,
   )

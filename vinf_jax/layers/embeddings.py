@@ -20,6 +20,18 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return emb
 
 
+def guidance_embedding(w: jax.Array, dim: int = 256) -> jax.Array:
+  """[B] -> [B, dim] float32: T2V-Turbo's (and LCM's) embedding of the guidance scale w.
+
+  ``1000 w`` against ``exp(-k ln(10000) / (dim/2 - 1))``, k = 0..dim/2-1, sin first: unlike
+  :func:`timestep_embedding` (cos first, ``/ (dim/2)``).
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = 1000.0 * jnp.asarray(w, jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
 class TimestepMLP(nnx.Module):
   """Linear -> SiLU -> Linear (keys ``.0`` and ``.2`` of ``time_embed`` / ``fps_embedding``)."""
 

@@ -21,7 +21,7 @@ from flax import nnx
 from vinf_jax.config import UNetConfig, to_dtype
 from vinf_jax.layers import kernels
 from vinf_jax.layers.attention import resolve_implementation
-from vinf_jax.layers.embeddings import TimestepMLP, timestep_embedding
+from vinf_jax.layers.embeddings import TimestepMLP, guidance_embedding, timestep_embedding
 from vinf_jax.layers.norm import GroupNorm
 from vinf_jax.layers.resnet import Downsample, ResBlock, Upsample, conv2d
 from vinf_jax.layers.transformers import SpatialTransformer, TemporalTransformer, map_chunks
@@ -49,6 +49,11 @@ class UNet3D(nnx.Module):
 
     self.time_embed = TimestepMLP(mc, ed, **kw)
     self.fps_embedding = TimestepMLP(mc, ed, **kw) if cfg.fps_cond else None
+    # T2V-Turbo: the guidance (and v2's motion) embedding, added to the timestep embedding before time_embed
+    wd = cfg.time_cond_proj_dim
+    self.time_cond_proj = nnx.Linear(wd, mc, use_bias=False, **kw) if wd else None
+    self.motion_cond_proj = nnx.Linear(wd, mc, use_bias=False, **kw) if cfg.motion_cond else None
+    self.combine_proj = nnx.Linear(2 * mc, mc, use_bias=False, **kw) if cfg.motion_cond else None
     self.init_attn = nnx.List([TemporalTransformer(mc, cfg.init_attn_heads, hc, g, **tkw)])
 
     blocks = [[nnx.Conv(cfg.in_channels, mc, (3, 3), padding=((1, 1), (1, 1)), **kw)]]
@@ -89,6 +94,8 @@ class UNet3D(nnx.Module):
     context: jax.Array,
     fps: jax.Array | None = None,
     *,
+    guidance: jax.Array | None = None,
+    motion: jax.Array | None = None,
     frames: FrameContext = FrameContext(),
     frame_chunk: int = 0,
   ) -> jax.Array:
@@ -127,6 +134,9 @@ class UNet3D(nnx.Module):
       t: ``[B]`` or scalar diffusion timesteps (0..999).
       context: ``[B, S, context_dim]`` text, or ``[B, T, S, context_dim]`` one text per frame.
       fps: ``[B]`` or scalar frame-rate conditioning (required when ``cfg.fps_cond``).
+      guidance: ``[B]`` or scalar guidance scale w of a T2V-Turbo UNet (required when it has
+        ``time_cond_proj``, refused otherwise).
+      motion: ``[B]`` or scalar motion scale of a T2V-Turbo-v2 UNet (required when ``cfg.motion_cond``).
       frames: how the local frames sit in the video (default: all of it on this device).
       frame_chunk: local frames per chunk of the per-frame layers (0: no chunking); static.
 
@@ -139,7 +149,29 @@ class UNet3D(nnx.Module):
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
     dtype = to_dtype(cfg.dtype)
-    emb = self.time_embed(timestep_embedding(t, cfg.model_channels).astype(dtype))
+    emb = timestep_embedding(t, cfg.model_channels).astype(dtype)
+    if (guidance is None) != (self.time_cond_proj is None):
+      raise ValueError(
+        "this UNet has a guidance embedding (time_cond_proj): pass guidance"
+        if guidance is None
+        else "guidance= is for T2V-Turbo UNets (time_cond_proj_dim > 0); this one has none"
+      )
+    if (motion is None) != (self.motion_cond_proj is None):
+      raise ValueError(
+        "this UNet has motion conditioning (motion_cond): pass motion"
+        if motion is None
+        else "motion= is for T2V-Turbo-v2 UNets (motion_cond); this one has none"
+      )
+    if self.time_cond_proj is not None:
+      wd = cfg.time_cond_proj_dim
+      w = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
+      cond = self.time_cond_proj(guidance_embedding(w, wd).astype(dtype))
+      if self.motion_cond_proj is not None:
+        m = jnp.broadcast_to(jnp.asarray(motion, jnp.float32), (b,))
+        m_emb = self.motion_cond_proj(guidance_embedding(m, wd).astype(dtype))
+        cond = self.combine_proj(jnp.concatenate([cond, m_emb], axis=-1))
+      emb = emb + cond
+    emb = self.time_embed(emb)
     if self.fps_embedding is not None:
       if fps is None:
         raise ValueError("this UNet is fps-conditioned (fps_cond=True): pass fps")
