@@ -35,7 +35,52 @@ flags.DEFINE_string("output", "bench_video.mp4", "Where the video goes (.mp4, .g
 flags.DEFINE_string("compilation_cache_dir", "", "JAX persistent compilation cache (empty = off).")
 flags.DEFINE_string("json", "", "Write the results here.")
 flags.DEFINE_bool("compile_only", False, "Load and compile only (no sampling, no video).")
+flags.DEFINE_list(
+  "runs",
+  [],
+  "Several videos in one process, SAMPLER:STEPS each (e.g. turbo:4,turbo:8,dpmpp_sde:30), turbo runs first: random "
+  "weights of --model's T2V-Turbo variant drawn once, the guided samplers on the same arrays without time_cond_proj "
+  "(VideoCrafter2), each run with the settings of its sampler's flagfile (turbo: w 7.5 embedded, fps 16, global "
+  "phase on the first step; guided: guidance 12, fps 24). Empty: one run of --steps with dpmpp_sde.",
+)
 FLAGS = flags.FLAGS
+
+
+def run_config(base, sampler: str, steps: int):
+  import dataclasses
+
+  if sampler == "turbo":  # configs/turbo_long_video.flags
+    return dataclasses.replace(
+      base, model=base.model + "_turbo", sampler="turbo", steps=steps, guidance=7.5, fps=16, global_phase_steps=1
+    )
+  return dataclasses.replace(base, sampler=sampler, steps=steps)  # configs/long_video.flags
+
+
+def models_for(cfg, plan, loaded: dict):
+  """Models of ``cfg``'s preset and the seconds they took. Random weights are drawn once (``load_models``); a
+  second preset that differs only by T2V-Turbo's conditioning projections (VideoCrafter2 and its turbo
+  variant) reuses the first's arrays: its UNet is the other's without (or, drawn, with) those projections."""
+  import dataclasses
+
+  from flax import nnx
+
+  from vinf_jax import pipeline
+  from vinf_jax.models import unet3d
+
+  t0 = time.perf_counter()
+  if not loaded:
+    loaded[cfg.model] = pipeline.load_models(cfg, plan)
+  elif cfg.model not in loaded:
+    other = next(iter(loaded.values()))
+    model = plan.model.with_dtype(plan.dtype)
+    graphdef, want = nnx.split(unet3d.abstract(model.unet))
+    have = nnx.to_pure_dict(nnx.state(other.unet))
+    missing = set(nnx.to_pure_dict(want)) - set(have)
+    if missing:
+      raise ValueError(f"{cfg.model!r} has UNet parameters {sorted(missing)} that {other.config.name!r} lacks")
+    nnx.replace_by_pure_dict(want, {k: v for k, v in have.items() if k in nnx.to_pure_dict(want)})
+    loaded[cfg.model] = dataclasses.replace(other, config=model, unet=nnx.merge(graphdef, want), compiled={})
+  return loaded[cfg.model], time.perf_counter() - t0
 
 
 def main(argv):
@@ -67,9 +112,55 @@ def main(argv):
     compilation_cache_dir=FLAGS.compilation_cache_dir,
     compile_only=FLAGS.compile_only,
   )
+  if FLAGS.runs:
+    return multi_run(cfg)
   t0 = time.perf_counter()
   result = pipeline.generate(cfg)
   wall = time.perf_counter() - t0
+  out = record(cfg, result, wall)
+  if jax.process_index() == 0:
+    print_table(cfg, result, out)
+    if FLAGS.json:
+      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+      with open(FLAGS.json, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def multi_run(base):
+  import jax
+
+  from vinf_jax import pipeline
+
+  runs, loaded = [], {}
+  # turbo runs first: the T2V-Turbo UNet is drawn, VideoCrafter2's is the same arrays without time_cond_proj
+  items = sorted(FLAGS.runs, key=lambda r: not r.startswith("turbo"))
+  for item in items:
+    sampler, _, steps = item.partition(":")
+    cfg = run_config(base, sampler.strip(), int(steps))
+    plan = pipeline.validate(cfg)
+    models, load_s = models_for(cfg, plan, loaded)
+    t0 = time.perf_counter()
+    result = pipeline.generate(cfg, models=models)
+    out = record(cfg, result, time.perf_counter() - t0)
+    out["timings_s"]["load"] = load_s  # this run's share of drawing the random weights (0 once drawn)
+    out.update(sampler=cfg.sampler, steps=result.num_steps, model=cfg.model)
+    runs.append(out)
+    if jax.process_index() == 0:
+      print_table(cfg, result, out)
+      if FLAGS.json:  # rewritten after every run: a call cut short keeps what it measured
+        with open(FLAGS.json, "w") as f:
+          json.dump({"runs": runs, "command": " ".join(sys.argv)}, f, indent=1)
+  if jax.process_index() == 0:
+    print(f"\n{'run':<20}{'steps':>6}{'denoise s':>11}{'excl. compile s':>17}{'compile s':>11}")
+    for r in runs:
+      tm = r["timings_s"]
+      print(
+        f"{r['sampler']:<20}{r['steps']:>6}{tm['denoise']:>11.2f}{r['excluding_compile_s']:>17.2f}{r['compile_s']:>11.2f}"
+      )
+
+
+def record(cfg, result, wall) -> dict:
+  """The JSON record of one run: the sidecar's timings, devices and versions, and the derived figures."""
   tm = result.sidecar["timings_s"]
   compile_s = tm["compile"] + tm["decode_compile"]
   out = {
@@ -86,22 +177,21 @@ def main(argv):
   if not cfg.compile_only:
     run_s = tm["encode"] + tm["denoise"] + tm["decode"] + tm["write"]
     out.update(excluding_compile_s=run_s, ms_per_frame_step=1000 * tm["denoise"] / (cfg.frames * result.num_steps))
-  if jax.process_index() == 0:
-    d = out["devices"]
-    what = "compile only" if cfg.compile_only else f"{result.num_steps} steps"
-    print(f"\n{'video':<34}{cfg.frames} frames {cfg.height}x{cfg.width}, {what}, {d['count']} x {d['kind']}")
-    for k in ("load", "encode", "compile", "denoise", "decode_compile", "decode", "write"):
-      if k in tm:
-        print(f"  {k:<32}{tm[k]:8.2f} s")
-    if not cfg.compile_only:
-      print(f"  {'excluding compile (enc+steps+dec+write)':<32}{out['excluding_compile_s']:8.2f} s")
-    print(f"  {'compile (step + decode)':<32}{compile_s:8.2f} s")
-    if not cfg.compile_only:
-      print(f"  {'per frame-step (denoise)':<32}{out['ms_per_frame_step']:8.3f} ms")
-    if FLAGS.json:
-      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-      with open(FLAGS.json, "w") as f:
-        json.dump(out, f, indent=1)
+  return out
+
+
+def print_table(cfg, result, out):
+  tm, compile_s, d = out["timings_s"], out["compile_s"], out["devices"]
+  what = "compile only" if cfg.compile_only else f"{result.num_steps} steps"
+  print(f"\n{'video':<34}{cfg.frames} frames {cfg.height}x{cfg.width}, {what}, {d['count']} x {d['kind']}")
+  for k in ("load", "encode", "compile", "denoise", "decode_compile", "decode", "write"):
+    if k in tm:
+      print(f"  {k:<32}{tm[k]:8.2f} s")
+  if not cfg.compile_only:
+    print(f"  {'excluding compile (enc+steps+dec+write)':<32}{out['excluding_compile_s']:8.2f} s")
+  print(f"  {'compile (step + decode)':<32}{compile_s:8.2f} s")
+  if not cfg.compile_only:
+    print(f"  {'per frame-step (denoise)':<32}{out['ms_per_frame_step']:8.3f} ms")
 
 
 if __name__ == "__main__":

@@ -171,10 +171,11 @@ def render(results_md: str | pathlib.Path = RESULTS_MD) -> str:
     newest = max(r["date"] for r in t[VIDEO])
     vids = [r for r in t[VIDEO] if r["date"] == newest]
     notes.append(
-      "Text to written video, 320x512, 30 steps, excluding compilation (compile cold): "
+      "Text to written video, 320x512, excluding compilation (compile cold): "
       + ", ".join(
-        f"{r['frames']} frames on {r['D']} x {r['card']} in {r['excl. compile s']} s ({r['compile s']} s)"
-        for r in vids[-2:]
+        f"{r['frames']} frames in {r['steps']} steps on {r['D']} x {r['card']} in {r['excl. compile s']} s "
+        f"({r['compile s']} s)"
+        for r in vids[-3:]
       )
       + "."
     )
@@ -295,11 +296,15 @@ NONE_RUN = "none run out of memory (search cut short)"
 
 
 def rows_from_video_json(res: dict) -> list[str]:
-  """The RESULTS.md video row of one ``bench_video --json`` file (a ``--compile_only`` run has none)."""
+  """The RESULTS.md video rows of one ``bench_video --json`` file: one, or one per run of ``--runs`` (a
+  ``--compile_only`` run has none). Steps of the turbo sampler read ``4 turbo``."""
+  if "runs" in res:
+    return [row for run in res["runs"] for row in rows_from_video_json(run)]
   if res.get("compile_only"):
     return []
   tm = res["timings_s"]
   cmd = "`python -m benchmarks.bench_video " + " ".join(res["command"].split()[1:]) + "`"
+  steps = round(tm["denoise"] / res["ms_per_frame_step"] * 1e3 / res["frames"])
   return [
     _row(
       [
@@ -307,7 +312,7 @@ def rows_from_video_json(res: dict) -> list[str]:
         res["devices"]["kind"],
         res["devices"]["count"],
         res["frames"],
-        round(tm["denoise"] / res["ms_per_frame_step"] * 1e3 / res["frames"]),
+        f"{steps} turbo" if res.get("sampler") == "turbo" else steps,
         f"{tm['load']:.1f}",
         f"{res['compile_s']:.1f}",
         f"{tm['encode']:.1f}",
@@ -385,8 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.rows:
       results = [json.loads(pathlib.Path(path).read_text()) for path in a.rows]
       baselines = torch_baselines([r for r in results if "meta" in r])
-      videos = [(p, r) for p, r in zip(a.rows, results, strict=True) if "timings_s" in r]
-      results = [r for r in results if "timings_s" not in r]
+      videos = [(p, r) for p, r in zip(a.rows, results, strict=True) if "timings_s" in r or "runs" in r]
+      results = [r for r in results if "timings_s" not in r and "runs" not in r]
       for path, res in videos:
         rows = rows_from_video_json(res)
         if rows:

@@ -17,6 +17,7 @@ FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.flags")))
 def test_the_four_flagfiles_exist():
   names = {os.path.basename(f) for f in FLAGFILES}
   assert {"demo_tiny.flags", "videocrafter2_16.flags", "long_video.flags", "multi_prompt.flags"} <= names
+  assert {"turbo_16.flags", "turbo_long_video.flags", "demo_turbo_tiny.flags"} <= names
 
 
 @pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
@@ -32,8 +33,8 @@ def test_flagfile_parses_and_validates(path):
   cfg = sample.config_from_flags()
   assert cfg.prompts, "a flagfile names its prompts"
   if cfg.weights:  # not converted here: same settings, random weights of the model
-    assert cfg.weights == "weights/videocrafter2"
-    cfg = dataclasses.replace(cfg, weights="", model="videocrafter2")
+    model = {"weights/videocrafter2": "videocrafter2", "weights/t2v_turbo": "videocrafter2_turbo"}[cfg.weights]
+    cfg = dataclasses.replace(cfg, weights="", model=model)
   for d in (1, 2, 4, 8) if cfg.num_devices == 0 else (cfg.num_devices,):
     if cfg.frames % d == 0 and cfg.frames // d >= max(4, cfg.window if cfg.attention == "dual" else 0):
       pipeline.validate(dataclasses.replace(cfg, num_devices=d, output=""))
