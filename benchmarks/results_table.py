@@ -168,14 +168,18 @@ def render(results_md: str | pathlib.Path = RESULTS_MD) -> str:
       + "."
     )
   if t[VIDEO]:
-    newest = max(r["date"] for r in t[VIDEO])
-    vids = [r for r in t[VIDEO] if r["date"] == newest]
+    shown = []  # the newest day's rows of the guided samplers, then of the turbo sampler
+    for kind in (False, True):
+      rows = [r for r in t[VIDEO] if ("turbo" in r["steps"]) == kind]
+      if rows:
+        newest = max(r["date"] for r in rows)
+        shown += [r for r in rows if r["date"] == newest][-2:]
     notes.append(
       "Text to written video, 320x512, excluding compilation (compile cold): "
       + ", ".join(
         f"{r['frames']} frames in {r['steps']} steps on {r['D']} x {r['card']} in {r['excl. compile s']} s "
         f"({r['compile s']} s)"
-        for r in vids[-3:]
+        for r in shown
       )
       + "."
     )
