@@ -4,11 +4,12 @@ Debian's ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium chr
 with an explicit driver path (Selenium Manager downloads nothing), and Gradio (``pip install -e ".[app]"``).
 Without them the test is skipped with the reason; under CI (``CI`` set) it fails instead, since CI must run it.
 
-One server, one browser, two tabs: bad settings show the command line's message; a request compiles, a
-second one from another tab waits with its place in the queue shown, the first is cancelled before its first
-step (nothing written) and the second then runs with a progress bar; a third request reuses the compiled
-programs. The mp4s are downloaded from the page's links and decoded. A screenshot of the page is written to
-``$VINF_APP_SCREENSHOT`` (default: the test's temporary directory); ``docs/app.png`` is one.
+One server, one browser, three tabs: bad settings show the command line's message; a request compiles, a
+second one from another tab waits with its place in the queue shown, a third waits behind it and is taken
+off the queue by its Cancel; the first is cancelled before its first step (nothing written) and the second
+then runs with a progress bar; a last request reuses the compiled programs. The mp4s are downloaded from
+the page's links and decoded. A screenshot of the page is written to ``$VINF_APP_SCREENSHOT`` (default:
+the test's temporary directory); ``docs/app.png`` is one.
 """
 
 import json
@@ -200,6 +201,19 @@ def test_page_in_a_browser(server, browser, tmp_path):
   css(d, "#generate").click()
   place = wait_for("the queue place", lambda: re.search(r"queue: (\d+)/(\d+)", body(d)), 60, d)
   assert place.group(0) == "queue: 1/1", place.group(0)  # first of one waiting, while the first request runs
+  # A third tab's request waits behind it, then is taken off the queue by its Cancel: it never runs.
+  d.switch_to.new_window("tab")
+  d.get(url)
+  wait_for("the third page", lambda: css(d, "#prompts textarea"), 60, d)
+  fill(d, "#seed input", "11")
+  css(d, "#generate").click()
+  place = wait_for("the queue place", lambda: re.search(r"queue: (\d+)/(\d+)", body(d)), 60, d)
+  assert place.group(0) == "queue: 2/2", place.group(0)
+  css(d, "#cancel").click()
+  wait_for("the queue cancel", lambda: "a waiting request is taken off the queue" in css(d, "#status").text, 60, d)
+  assert not re.search(r"queue: \d+/\d+", body(d))
+  d.close()
+  d.switch_to.window(tab2)
 
   # Cancel the first: it stops before its first step, with nothing written; the second then runs.
   d.switch_to.window(tab1)
@@ -248,8 +262,11 @@ def test_page_in_a_browser(server, browser, tmp_path):
   )
   video = video_io.read_video(download(src, tmp_path / "third.mp4"))
   assert video.shape == (16, 64, 64, 3)
-  assert len([n for n in os.listdir(outputs) if n.endswith(".mp4")]) == 2
+  mp4s = sorted(n for n in os.listdir(outputs) if n.endswith(".mp4"))
+  assert len(mp4s) == 2 and mp4s[1].endswith("_seed3.mp4"), mp4s  # the third tab's request never ran
   shot = os.environ.get("VINF_APP_SCREENSHOT") or str(tmp_path / "app.png")
+  d.set_window_size(1400, d.execute_script("return document.documentElement.scrollHeight") + 160)  # the whole page
+  time.sleep(0.5)
   d.save_screenshot(shot)
   print(f"browser part {time.monotonic() - t_start:.1f} s; screenshot {shot}")
   assert any("compiled the guided step" in ln for ln in server_lines)

@@ -543,15 +543,14 @@ def build_page(handler: Handler):
 # The command
 
 
-def main(argv: list[str]) -> None:
+def prepare() -> Handler | None:
+  """From the parsed flags: check them (exit 2 with the message), start jax.distributed, load the models.
+
+  Process 0 gets the page's :class:`Handler`; the other processes follow process 0's requests here until it
+  closes, and get None.
+  """
   import importlib.util
 
-  from absl import logging
-
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)", file=sys.stderr)
-    sys.exit(2)
   if importlib.util.find_spec("gradio") is None:  # checked by every process: they all stop, none waits
     print('error: the page needs gradio: pip install -e ".[app]"', file=sys.stderr)
     sys.exit(2)
@@ -583,17 +582,31 @@ def main(argv: list[str]) -> None:
   if jax.process_index() != 0:
     n = follow(models, channel)
     print(f"process {jax.process_index()}: followed {n} request(s); process 0 closed the page")
+    return None
+  return Handler(base, models, outputs_dir, channel=channel)
+
+
+def launch_kwargs(handler: Handler) -> dict:
+  """``page.launch`` arguments from the flags."""
+  return dict(
+    server_name=F.host, server_port=F.port, share=F.share, allowed_paths=[handler.outputs_dir], ssr_mode=False
+  )
+
+
+def main(argv: list[str]) -> None:
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)", file=sys.stderr)
+    sys.exit(2)
+  handler = prepare()
+  if handler is None:
     return
-  handler = Handler(base, models, outputs_dir, channel=channel)
-  page = build_page(handler)
   try:
-    page.launch(
-      server_name=F.host,
-      server_port=F.port,
-      share=F.share,
-      allowed_paths=[handler.outputs_dir],
-      ssr_mode=False,
-    )
+    build_page(handler).launch(**launch_kwargs(handler))  # until Ctrl-C
+  except KeyboardInterrupt:  # a second Ctrl-C while Gradio closes
+    pass
   finally:
     handler.finish()
 
