@@ -12,7 +12,7 @@ import sys
 
 def main():
   pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax
 
@@ -22,7 +22,7 @@ def main():
   from tests.test_app import BASE
   from vinf_jax import app, pipeline
 
-  base = dataclasses.replace(BASE, num_devices=0, frames=16)  # 4 frames on each of the 4 devices
+  base = dataclasses.replace(BASE, num_devices=0)  # 8 frames: 4 on each of the 2 devices
   models = pipeline.load_models(base, log=lambda m: None)
   channel = app.Channel()
   assert channel.multi

@@ -313,6 +313,7 @@ class Handler:
     with self._lock:
       self._entered[session] = self._entered.get(session, 0) + 1
       self._idle.setdefault(session, threading.Event()).clear()
+    reply = None
     try:
       if progress is not None and self._run_lock.locked():
         progress(None, None, "waiting for the running video to stop")
@@ -320,12 +321,12 @@ class Handler:
         reply = self._run(cfg, session, progress)
     finally:
       with self._lock:
+        if reply is not None:
+          self._last[session] = reply
         self._entered[session] -= 1
         if not self._entered[session]:
           self._stop.discard(session)
           self._idle[session].set()
-    with self._lock:
-      self._last[session] = reply
     return reply
 
   def _run(self, cfg: pipeline.GenerationConfig, session: str, progress: Progress | None) -> Reply:
@@ -344,10 +345,11 @@ class Handler:
     what = f"{cfg.frames} frames at {cfg.height}x{cfg.width} over {d} device(s)"
     compiles = pipeline.will_compile(cfg, self.models)
     if progress is not None:
+      n = sampling.num_steps(sampling.make_plan(cfg.sampler_config()))  # DDIM's spacing may run more than steps
       if "step" in compiles:
-        progress(0, cfg.steps, f"compiling a new step program for this shape ({what}); later requests reuse it")
+        progress(0, n, f"compiling a new step program for this shape ({what}); later requests reuse it")
       else:
-        progress(0, cfg.steps, f"encoding the prompts ({what}; the compiled step is reused)")
+        progress(0, n, f"encoding the prompts ({what}; the compiled step is reused)")
 
     def on_step(info: pipeline.StepInfo) -> None:
       if progress is None:
@@ -393,7 +395,8 @@ class Handler:
       idle = self._idle[session]
     if wait_s and idle.wait(wait_s):
       with self._lock:
-        return self._last[session].status
+        if session in self._last:
+          return self._last[session].status
     return "cancelling: the request stops before its next step"
 
   def finish(self) -> None:
