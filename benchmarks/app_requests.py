@@ -85,7 +85,7 @@ def main() -> None:
 
   sample.parse_flags(sys.argv)
   t = time.perf_counter()
-  handler = app.prepare()
+  handler = app.prepare(page=F.via == "http")
   if handler is None:  # a process other than 0 followed the requests
     return
   load_s = time.perf_counter() - t
@@ -104,6 +104,7 @@ def main() -> None:
   try:
     for i in range(F.requests):
       values = app.page_values(handler.base) | {"seed": handler.base.seed + i}
+      values["prompts"] = values["prompts"] or "a drone shot flying over a snowy mountain range at sunrise"
       cancel = F.cancel_last and i == F.requests - 1
       r = via_http(client, values, cancel) if client else via_handler(handler, values, cancel)
       results.append(r)

@@ -546,15 +546,15 @@ def build_page(handler: Handler):
 # The command
 
 
-def prepare() -> Handler | None:
+def prepare(*, page: bool = True) -> Handler | None:
   """From the parsed flags: check them (exit 2 with the message), start jax.distributed, load the models.
 
   Process 0 gets the page's :class:`Handler`; the other processes follow process 0's requests here until it
-  closes, and get None.
+  closes, and get None. ``page=False``: the handler alone, without Gradio (benchmarks).
   """
   import importlib.util
 
-  if importlib.util.find_spec("gradio") is None:  # checked by every process: they all stop, none waits
+  if page and importlib.util.find_spec("gradio") is None:  # checked by every process: they all stop, none waits
     print('error: the page needs gradio: pip install -e ".[app]"', file=sys.stderr)
     sys.exit(2)
   if not 1 <= F.port <= 65535:
