@@ -21,11 +21,16 @@ from absl import flags
 
 from vinf_jax import app
 
-flags.DEFINE_integer("requests", 2, "Requests to send (seeds --seed, --seed+1, ...).", flag_values=app.F)
-flags.DEFINE_enum("via", "handler", ["handler", "http"], "Call the handler, or the page's HTTP API.", flag_values=app.F)
-flags.DEFINE_bool("cancel_last", False, "Cancel the last request after its first step.", flag_values=app.F)
-flags.DEFINE_string("json", "", "Also write the results here.", flag_values=app.F)
 F = app.F
+
+
+def define_flags() -> None:
+  """The page's flags and these (at start, not at import: see ``vinf_jax.app.define_flags``)."""
+  app.define_flags()
+  flags.DEFINE_integer("requests", 2, "Requests to send (seeds --seed, --seed+1, ...).", flag_values=F)
+  flags.DEFINE_enum("via", "handler", ["handler", "http"], "Call the handler, or the page's HTTP API.", flag_values=F)
+  flags.DEFINE_bool("cancel_last", False, "Cancel the last request after its first step.", flag_values=F)
+  flags.DEFINE_string("json", "", "Also write the results here.", flag_values=F)
 
 
 def _free_port() -> int:
@@ -83,6 +88,7 @@ def via_http(client, values: dict, cancel: bool) -> dict:
 def main() -> None:
   from vinf_jax import sample
 
+  define_flags()
   sample.parse_flags(sys.argv)
   t = time.perf_counter()
   handler = app.prepare(page=F.via == "http")

@@ -273,6 +273,10 @@ def test_two_processes_follow_process_0(tmp_path):
   assert "request 2: cancelled before step 2/2; nothing was written" in outs[1], outs[1][-2000:]
 
 
+def test_importing_the_app_leaves_the_sample_flags_alone():
+  assert "port" not in sample.F and "outputs_dir" not in sample.F  # test_configs checks sample's --helpfull
+
+
 def test_command_line(tmp_path):
   """``python -m vinf_jax.app``: --help lists the sample flags and the page's; bad flags stop it before loading."""
   run = lambda *a: subprocess.run([sys.executable, "-m", "vinf_jax.app", *a], cwd=ROOT, capture_output=True, text=True)

@@ -30,14 +30,25 @@ from vinf_jax import pipeline, sample, sampling
 from vinf_jax.config import ModelConfig
 
 F = sample.F
-sample.flags.DEFINE_integer("port", 7860, "Port of the page.", flag_values=F)
-sample.flags.DEFINE_string(
-  "host", "127.0.0.1", "Address the page listens on (0.0.0.0: every interface of this machine).", flag_values=F
-)
-sample.flags.DEFINE_bool("share", False, "Also serve the page through a public Gradio share link.", flag_values=F)
-sample.flags.DEFINE_string(
-  "outputs_dir", "outputs/app", "Where the page's videos and their JSON sidecars are written.", flag_values=F
-)
+
+
+def define_flags() -> None:
+  """Add the page's flags to ``vinf_jax.sample``'s flag set (once).
+
+  Called by the entry points, not at import: a process that imports this module (tests) keeps the command
+  line's flag set as ``python -m vinf_jax.sample`` has it.
+  """
+  if "port" in F:
+    return
+  sample.flags.DEFINE_integer("port", 7860, "Port of the page.", flag_values=F)
+  sample.flags.DEFINE_string(
+    "host", "127.0.0.1", "Address the page listens on (0.0.0.0: every interface of this machine).", flag_values=F
+  )
+  sample.flags.DEFINE_bool("share", False, "Also serve the page through a public Gradio share link.", flag_values=F)
+  sample.flags.DEFINE_string(
+    "outputs_dir", "outputs/app", "Where the page's videos and their JSON sidecars are written.", flag_values=F
+  )
+
 
 # The page's inputs, by their GenerationConfig (and flag) names; every other setting comes from the flags.
 FIELDS = (
@@ -550,7 +561,8 @@ def prepare(*, page: bool = True) -> Handler | None:
   """From the parsed flags: check them (exit 2 with the message), start jax.distributed, load the models.
 
   Process 0 gets the page's :class:`Handler`; the other processes follow process 0's requests here until it
-  closes, and get None. ``page=False``: the handler alone, without Gradio (benchmarks).
+  closes, and get None. ``page=False``: the handler alone, without Gradio (benchmarks). The flags must have
+  been parsed after :func:`define_flags`.
   """
   import importlib.util
 
@@ -615,6 +627,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  define_flags()
   if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in sys.argv[1:]):
     print(__doc__ + "\nflags:\n" + F.get_help(include_special_flags=False))
     sys.exit(0)
