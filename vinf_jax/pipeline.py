@@ -178,6 +178,31 @@ class GenerationResult:
   num_steps: int
 
 
+class Cancelled(RuntimeError):
+  """:func:`generate` stopped because its ``should_stop()`` returned True; nothing was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+  """What :func:`generate` tells its ``on_step`` callback after each sampling step (as in its progress line).
+
+  Attributes:
+    step: sampling steps done (1 .. num_steps; a resumed run starts past 1).
+    num_steps: sampling steps of the plan.
+    timestep: the UNet timestep of the step just done.
+    seconds_per_step: mean time of this run's steps so far.
+    elapsed_s: time since this run's first step began.
+    eta_s: the estimated time to the run's last step.
+  """
+
+  step: int
+  num_steps: int
+  timestep: int
+  seconds_per_step: float
+  elapsed_s: float
+  eta_s: float
+
+
 def _log0(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -567,7 +592,7 @@ def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int):
 
 def _decoder(models: Models, mesh: jax.sharding.Mesh, latent_shape, chunk: int, x: jax.Array):
   """(vae_params, compiled decode) for latents like ``x``, compiled once per (mesh, shape, chunk)."""
-  key = (tuple(mesh.devices.flat), latent_shape, chunk)
+  key = _decode_key(mesh, latent_shape, chunk)
   if models.compiled.get("decode_key") != key:
     models.compiled.pop("decode", None)
     vae_params, decode = make_decoder(models.vae, mesh, chunk)
@@ -659,8 +684,48 @@ def _all_finite(x: jax.Array) -> jax.Array:
   return jnp.isfinite(x).all()
 
 
+def _latent_shape(cfg: GenerationConfig, mcfg: ModelConfig) -> tuple[int, ...]:
+  f = mcfg.vae.downsample_factor
+  return (1, cfg.frames, cfg.height // f, cfg.width // f, mcfg.unet.in_channels)
+
+
+def _step_key(cfg: GenerationConfig, mesh: jax.sharding.Mesh, latent_shape, per_frame: bool) -> tuple:
+  """What the compiled guided step depends on (``generate`` keeps one step program per key)."""
+  return (
+    cfg.sampler_config(),
+    cfg.temporal_config(),
+    tuple(mesh.devices.flat),
+    latent_shape,
+    per_frame,
+    cfg.frame_chunk,
+  )
+
+
+def _decode_key(mesh: jax.sharding.Mesh, latent_shape, chunk: int) -> tuple:
+  return (tuple(mesh.devices.flat), latent_shape, chunk)
+
+
+def will_compile(cfg: GenerationConfig, models: Models) -> tuple[str, ...]:
+  """The programs ``generate(cfg, models=models)`` would compile now: ``'step'`` and/or ``'decode'``.
+
+  Empty when the programs kept on ``models`` from the last video fit these settings (same shapes, sampler,
+  temporal options and devices; prompts, seed and the outputs do not matter). ``cfg`` must be valid.
+  """
+  mesh = parallel.make_mesh(cfg.num_devices or None)
+  shape = _latent_shape(cfg, models.config)
+  step = models.compiled.get("step_key") != _step_key(cfg, mesh, shape, len(cfg.prompts) > 1)
+  step = step or models.compiled.get("step", (None, None))[1] is None
+  decode = models.compiled.get("decode_key") != _decode_key(mesh, shape, cfg.decode_chunk)
+  return (("step",) if step else ()) + (("decode",) if decode else ())
+
+
 def generate(
-  cfg: GenerationConfig, *, models: Models | None = None, log: Callable[[str], None] = _log0
+  cfg: GenerationConfig,
+  *,
+  models: Models | None = None,
+  log: Callable[[str], None] = _log0,
+  on_step: Callable[[StepInfo], None] | None = None,
+  should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
   """Make the video of ``cfg``; see the module docstring. Raises ValueError for bad settings before any work.
 
@@ -669,6 +734,10 @@ def generate(
     models: models from :func:`load_models` for these settings, to reuse them across videos (a notebook,
       tests); loaded here when None.
     log: where progress lines go (default: printed on process 0).
+    on_step: called with a :class:`StepInfo` after each sampling step (a progress bar).
+    should_stop: asked before each sampling step and before decoding; True raises :class:`Cancelled` there,
+      with nothing written. With several processes it must give the same answer on every process (a process
+      that stopped alone would leave the others waiting in the step's collectives).
   """
   t_start = time.perf_counter()
   plan = validate(cfg)
@@ -705,19 +774,11 @@ def generate(
     ctx_c, ctx_u = parallel.replicate(emb_c, mesh), parallel.replicate(emb_u, mesh)
   timings["encode"] = time.perf_counter() - t
 
-  f = mcfg.vae.downsample_factor
-  latent_shape = (1, cfg.frames, cfg.height // f, cfg.width // f, mcfg.unet.in_channels)
+  latent_shape = _latent_shape(cfg, mcfg)
   splan = sampling.make_plan(cfg.sampler_config())
   # Programs are kept on the models for the next video with the same shapes and settings (a notebook
   # trying prompts and seeds, tests): one entry, so old programs and weight copies do not pile up.
-  key = (
-    cfg.sampler_config(),
-    cfg.temporal_config(),
-    tuple(mesh.devices.flat),
-    latent_shape,
-    per_frame,
-    cfg.frame_chunk,
-  )
+  key = _step_key(cfg, mesh, latent_shape, per_frame)
   if models.compiled.get("step_key") != key:
     models.compiled.pop("step", None)
     kw = {"frame_chunk": cfg.frame_chunk} if cfg.frame_chunk else {}
@@ -783,6 +844,8 @@ def generate(
   end = num_steps if not cfg.stop_after else min(num_steps, start + cfg.stop_after)
   t0 = time.perf_counter()
   for i in range(start, end):
+    if should_stop is not None and should_stop():
+      raise Cancelled(f"cancelled before step {i + 1}/{num_steps}; nothing was written")
     ts = int(splan.timesteps[i])
     state = step(den.params, state, ctx_c, ctx_u, fps, seed)
     if not bool(_all_finite(state.x)):  # waits for the step; a NaN would only spread from here
@@ -796,6 +859,8 @@ def generate(
       f"step {i + 1:3d}/{num_steps}  t={ts:4d}  {rate:6.2f} s/step  "
       f"{cfg.frames / rate:7.1f} frames/s  elapsed {_clock(el)}  ETA {_clock(rate * (end - i - 1))}"
     )
+    if on_step is not None:
+      on_step(StepInfo(i + 1, num_steps, ts, rate, el, rate * (end - i - 1)))
     if state_dir and cfg.save_state_every and (i + 1) % cfg.save_state_every == 0 and i + 1 < num_steps:
       _save_state(state_dir, state, cfg)
   timings["denoise"] = time.perf_counter() - t0
@@ -805,6 +870,8 @@ def generate(
     log(f"stopped after step {end}/{num_steps}; state saved in {path}; continue with resume={state_dir!r}")
     return GenerationResult(None, None, None, sidecar, end, num_steps)
 
+  if should_stop is not None and should_stop():
+    raise Cancelled(f"cancelled after step {end}/{num_steps}, before decoding; nothing was written")
   t = time.perf_counter()
   vae_params, decode_c = _decoder(models, mesh, latent_shape, cfg.decode_chunk, state.x)
   timings["decode_compile"] = time.perf_counter() - t
