@@ -83,6 +83,11 @@ def test_sampler_choices(models):
   assert app.sampler_choices(models.config) == [s for s in sampling.SAMPLERS if s != "turbo"]
   assert "dpmpp_sde" in app.sampler_choices(models.config) and "ddim" in app.sampler_choices(models.config)
   assert not app.sampler_supported("turbo", models.config)
+  # a T2V-Turbo model runs the turbo sampler only (the guided ones are refused by validation for it)
+  from vinf_jax.config import PRESETS
+
+  assert app.sampler_choices(PRESETS["tiny_turbo"]) == ["turbo"]
+  assert app.page_values(pipeline.GenerationConfig(sampler="turbo"))["guidance"] == 7.5
 
 
 def test_request_messages_round_trip():

@@ -86,9 +86,8 @@ _PER_RUN = {
 
 def sampler_supported(name: str, model: ModelConfig) -> bool:
   """Whether ``model`` can run the sampler ``name`` (the page offers only those)."""
-  if name == "turbo":  # needs weights with a guidance embedding (time_cond_proj, issue 15)
-    return False  # LEAD: after merging issue 15, e.g. `return bool(model.unet.time_cond_proj)`
-  return True
+  # T2V-Turbo weights (a guidance embedding, time_cond_proj) run the turbo sampler only, the others the guided ones
+  return (name == "turbo") == bool(model.unet.time_cond_proj_dim)
 
 
 def sampler_choices(model: ModelConfig) -> list[str]:
@@ -145,6 +144,7 @@ def page_values(cfg: pipeline.GenerationConfig) -> dict:
   """:data:`FIELDS` of ``cfg`` as the page shows them (the prompts as lines)."""
   values = {name: getattr(cfg, name) for name in FIELDS}
   values["prompts"] = "\n".join(cfg.prompts)
+  values["guidance"] = cfg.resolved_guidance()  # None in the flags: the sampler's default
   return values
 
 
