@@ -389,3 +389,40 @@ def test_turbo_settings_are_validated():
   assert t.global_phase_from == t.local_phase_below == 679.0  # the second of 999, 679, 359 (3 steps of 50)
   assert dataclasses.replace(BASE, guidance=None).resolved_guidance() == 7.5
   assert pipeline.GenerationConfig().resolved_guidance() == 12.0
+
+
+def test_plain_unet_unchanged_and_v2_combination():
+  """A zero time_cond_proj leaves VideoCrafter2's UNet bit for bit (emb + 0 == emb), and v2's combine_proj = [I | 0]
+  gives v1 whatever the motion embedding: the motion term enters only through combine_proj's second half."""
+  plain = pipeline.random_model(unet3d.UNet3D, TINY.unet, 4)
+  pure = nnx.to_pure_dict(nnx.state(plain))
+  c = TINY.unet.model_channels
+
+  def variant(name, extra):
+    graphdef, state = nnx.split(unet3d.abstract(PRESETS[name].unet))
+    nnx.replace_by_pure_dict(state, {**pure, **extra})
+    return nnx.merge(graphdef, state)
+
+  w1 = jnp.asarray(np.random.default_rng(0).standard_normal((256, c)) / 16, jnp.float32)
+  v1_zero = variant("tiny_turbo", {"time_cond_proj": {"kernel": jnp.zeros((256, c))}})
+  v1 = variant("tiny_turbo", {"time_cond_proj": {"kernel": w1}})
+  eye = jnp.concatenate([jnp.eye(c), jnp.zeros((c, c))], axis=0)  # [2C, C]: keeps the guidance half
+  v2 = variant(
+    "tiny_turbo_v2",
+    {
+      "time_cond_proj": {"kernel": w1},
+      "motion_cond_proj": {"kernel": jnp.ones((256, c))},
+      "combine_proj": {"kernel": eye},
+    },
+  )
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 2, 8, 8, 4)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((2, 77, 32)), jnp.float32)
+  t, fps = jnp.asarray([999, 279]), jnp.asarray([16, 16])
+  run = jax.jit(lambda m, **kw: m(x, t, ctx, fps, **kw))
+  want = np.asarray(run(plain))
+  np.testing.assert_array_equal(np.asarray(run(v1_zero, guidance=7.5)), want)
+  got_v1 = np.asarray(run(v1, guidance=7.5))
+  assert rel_err(got_v1, want) > 1e-4  # the guidance embedding matters once its projection is non-zero
+  for m in (0.0, 0.05):
+    assert rel_err(run(v2, guidance=7.5, motion=m), got_v1) <= RTOL
