@@ -1,6 +1,6 @@
 """Faults and bad inputs a user meets (issue 16): failed writes keep the old files and save what was sampled,
 damaged states fall back or are named, stale partial files are cleaned, two runs cannot write one output,
-every late-checked flag is refused up front.
+every late-checked flag is refused up front, and the official global-frame rule runs on one GPU.
 
 In-process runs share one set of tiny random models; the command-line cases that are refused before
 anything loads take ~3 s each.
@@ -523,3 +523,21 @@ def test_nan_advice_fits_the_settings():
   assert "bfloat16" in pipeline._nan_advice(cfg(), plan("float16"))
   assert "try dtype=float32" in pipeline._nan_advice(cfg(), plan("bfloat16")).lower()
   assert "lower guidance" in pipeline._nan_advice(cfg(guidance=80.0), plan("float32"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The official global-frame rule: the single-GPU example runs.
+
+
+def test_official_single_gpu_example_runs(models, tmp_path):
+  """24 frames, 16 global frames, one device, the official semantics (as examples/single_gpu.json)."""
+  official = dict(frames=24, num_global=16, window=8, num_devices=1, group_norm="local", video_ends="zeros", steps=2)
+  with pytest.raises(ValueError, match=r"frames=24 is not divisible by num_global G=16 \(global_frames=video;"):
+    pipeline.validate(cfg(**official))
+  assert parallel.global_positions(24, 16, 1, "official") == tuple(range(16))
+  r = pipeline.generate(
+    cfg(**official, global_frames="official", output=str(tmp_path / "v.gif")), models=models, log=quiet
+  )
+  assert r.frames.shape == (24, 64, 64, 3) and np.isfinite(r.latents).all()
+  side = json.loads((tmp_path / "v.json").read_text())
+  assert side["settings"]["global_frames"] == "official" and side["settings"]["num_devices"] == 1

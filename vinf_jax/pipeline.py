@@ -60,7 +60,7 @@ class GenerationConfig:
     seed: noise seed; the video depends only on it and the settings, not on the device count.
     sampler: 'dpmpp_sde' or 'ddim'. steps, guidance, eta, ddim_exact_steps: see SamplerConfig.
     attention, window, num_global, global_phase_from, local_phase_below, global_bias, local_bias,
-      video_ends, group_norm, query_block: see TemporalConfig.
+      video_ends, global_frames, group_norm, query_block: see TemporalConfig.
     dtype: 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16' or 'float16'.
     num_devices: 0 = every device of every process; K = the first K local devices (one process).
     frame_chunk: frames per chunk of the UNet's per-frame layers (0 = all local frames at once).
@@ -102,6 +102,7 @@ class GenerationConfig:
   global_bias: float = _TEMPORAL.global_bias
   local_bias: float = _TEMPORAL.local_bias
   video_ends: str = _TEMPORAL.video_ends
+  global_frames: str = _TEMPORAL.global_frames
   group_norm: str = _TEMPORAL.group_norm
   query_block: int = _TEMPORAL.query_block
   dtype: str = "auto"
@@ -351,6 +352,7 @@ def _check_paths(cfg: GenerationConfig, e: list[str]) -> None:
         e.append(str(err))
         return
       now = json.loads(json.dumps(_fingerprint(cfg)))
+      saved = {"global_frames": "video"} | saved  # states saved before the setting existed
       diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
       if diff:
         e.append(
@@ -549,7 +551,7 @@ def _fingerprint(cfg: GenerationConfig) -> dict:
   keep = (
     "prompts negative_prompt weights model weights_seed frames height width fps seed sampler steps guidance eta "
     "ddim_exact_steps attention window num_global global_phase_from local_phase_below global_bias local_bias "
-    "video_ends group_norm query_block dtype num_devices prompt_transition"
+    "video_ends global_frames group_norm query_block dtype num_devices prompt_transition"
   ).split()
   d = {k: getattr(cfg, k) for k in keep}
   d["prompts"] = list(d["prompts"])

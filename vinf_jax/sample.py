@@ -113,6 +113,13 @@ flags.DEFINE_string(
   "video_ends", _D.video_ends, "zeros (official: zero K/V past the video's ends) or mask.", flag_values=F
 )
 flags.DEFINE_string(
+  "global_frames",
+  _D.global_frames,
+  "Dual scope: video (G frames at video indices k*N/G, device-count invariant) or official (each device's "
+  "evenly spaced frames, in device order, cut to G, as the official code).",
+  flag_values=F,
+)
+flags.DEFINE_string(
   "group_norm", _D.group_norm, "global (exact statistics, device-count invariant) or local (official).", flag_values=F
 )
 flags.DEFINE_integer(
