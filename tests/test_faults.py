@@ -197,9 +197,9 @@ def _mount_tmpfs(path, size):
     pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip()}); the fake-writer tests cover this")
 
 
-def test_full_disk_through_the_command_line(models, full, tmp_path):
-  """A real full disk (a 1 MiB tmpfs) and the real ffmpeg: exit 1, the old video intact, no partial file,
-  the sampled state in TMPDIR, and a resume of it writes the uninterrupted video."""
+def test_full_disk_through_the_command_line(tmp_path):
+  """A real full disk (a 1 MiB tmpfs) and the real ffmpeg: exit 1, one line, no traceback, the old video
+  intact, no partial file, and the sampled state in TMPDIR as the message says."""
   small = tmp_path / "small"
   _mount_tmpfs(small, "1m")
   try:
@@ -208,21 +208,21 @@ def test_full_disk_through_the_command_line(models, full, tmp_path):
       f.write(b"\0" * (1024 * 1024 - 40 * 1024 - 8192))
     env = dict(os.environ, TMPDIR=str(tmp_path / "systmp"))
     os.makedirs(env["TMPDIR"])
-    p, _ = _cli(*BASE_FLAGS, f"--output={small / 'v.mp4'}", env=env)
+    flags = [*BASE_FLAGS, "--num_devices=1", "--steps=1"]
+    p, _ = _cli(*flags, f"--output={small / 'v.mp4'}", env=env)
     print(p.stdout[-1500:], p.stderr[-3000:])
     assert p.returncode == 1, p.stderr
-    ours = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    ours = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]  # ffmpeg prints its own lines too
     assert len(ours) == 1 and "Traceback" not in p.stderr
-    assert f"could not write {small / 'v.mp4'}" in ours[0], ours
+    assert f"error: could not write {small / 'v.mp4'}: ffmpeg wrote an incomplete MP4" in ours[0], ours
     assert (small / "v.mp4").read_bytes() == b"an earlier good video"
     assert sorted(os.listdir(small)) == ["fill", "v.mp4"]
-    (rescue,) = [os.path.join(env["TMPDIR"], n) for n in os.listdir(env["TMPDIR"])]
-    assert f"--resume={rescue} " in ours[0]
   finally:
     subprocess.run(["umount", str(small)], check=False)
-  done = pipeline.generate(cfg(resume=rescue, output=str(tmp_path / "v.mp4")), models=models, log=quiet)
-  np.testing.assert_array_equal(done.latents, full)  # the command line's run, written here
-  assert video_io.read_video(str(tmp_path / "v.mp4")).shape == (16, 64, 64, 3)
+  (rescue,) = [os.path.join(env["TMPDIR"], n) for n in os.listdir(env["TMPDIR"])]
+  assert f"--resume={rescue} " in ours[0]
+  assert sorted(os.listdir(rescue)) == ["run.json", "step_00001"]
+  assert "checksums.json" in os.listdir(os.path.join(rescue, "step_00001"))
 
 
 def test_mp4_and_gif_checks():
@@ -423,6 +423,18 @@ def test_damaged_state_falls_back_to_the_older_one(models, full, states, tmp_pat
     pipeline.generate(cfg(resume=str(copy)), models=models, log=quiet)
 
 
+def test_a_save_keeps_itself_and_the_state_before_it(states, tmp_path):
+  """After a resume from the older state, the next save drops the newer (damaged) one, keeps its predecessor."""
+  d, saved = states
+  copy = _copy(d, tmp_path / "state")
+  shutil.copytree(copy / "step_00002", copy / "step_00003")  # a newer state, as a damaged one left behind
+  st = pipeline._restore_state(str(d), parallel.make_mesh(4), (1, 16, 8, 8, 4), log=quiet)  # step 2
+  pipeline._save_state(str(copy), st, cfg())
+  assert sorted(os.listdir(copy)) == ["run.json", "step_00001", "step_00002"]
+  logs = []
+  assert _restore(copy, logs)[0] == 2 and not logs
+
+
 def test_damaged_state_and_run_json_through_the_command_line(states, tmp_path):
   d, _ = states
   copy = _copy(d, tmp_path / "state")
@@ -453,30 +465,49 @@ def _weights_dir(tmp_path, name, content):
   return d
 
 
-LATE = {  # id: (flags, files to make in the inputs folder {name: bytes}, message)
-  "output_proc": (["--output=/proc/x/y.mp4"], {}, "output='/proc/x/y.mp4': cannot write in '/proc/x'"),
-  "latents_proc": (["--save_latents=/proc/x/l.npy"], {}, "save_latents='/proc/x/l.npy': cannot write in '/proc/x'"),
-  "cache_proc": (["--compilation_cache_dir=/proc/x"], {}, "compilation_cache_dir='/proc/x': cannot write in '/proc'"),
-  "state_proc": (["--state_dir=/proc/x", "--save_state_every=1"], {}, "state_dir='/proc/x': cannot write in '/proc'"),
-  "output_empty": (["--output="], {}, "output='' is empty"),
-  "seed_2_31": ([f"--seed={2**31}"], {}, "seed=2147483648, expected an integer in -2147483648..2147483647"),
-  "seed_2_70": ([f"--seed={2**70}"], {}, f"seed={2**70}, expected an integer in"),
-  "coordinator": (["--coordinator_address=garbage"], {}, "coordinator_address='garbage', expected host:port"),
-  "coordinator_port": (["--coordinator_address=host0:http"], {}, "coordinator_address='host0:http', expected"),
-  "float16_cpu": (["--dtype=float16"], {}, "dtype='float16' does not run on CPU"),
-  "prompts_latin1": (["--prompts_file=@p.txt"], {"p.txt": bytes(range(256))}, "p.txt' is not a UTF-8 text file"),
-  "prompts_binary": (["--prompts_file=@p.bin"], {"p.bin": b"a\x00b"}, "p.bin' is a binary file"),
-  "prompts_empty": (["--prompts_file=@p.txt"], {"p.txt": b"# a comment\n\n"}, "p.txt' holds no prompt"),
-  "flagfile": (["--flagfile=/nonexistent"], {}, "--flagfile=/nonexistent: no such file"),
-  "weights_model_5": (["--weights=@w", "--model="], {"w/config.json": b'{"model": 5}'}, "config.json: 'model' is 5"),
-  "weights_list": (["--weights=@w", "--model="], {"w/config.json": b"[]"}, "config.json holds a JSON list"),
-  "weights_cut": (["--weights=@w", "--model="], {"w/config.json": b'{"model": {"na'}, "is not valid JSON"),
+# Each command line gets several bad flags of one stage (the messages list every one); id: (flags, files
+# to make in the inputs folder {name: bytes}, the messages).
+LATE = {
+  "paths_seed_dtype": (
+    [
+      "--output=/proc/x/y.mp4",
+      "--save_latents=/proc/x/l.npy",
+      "--compilation_cache_dir=/proc/x",
+      "--state_dir=/proc/x",
+      "--save_state_every=1",
+      f"--seed={2**31}",
+      "--dtype=float16",
+    ],
+    {},
+    [
+      "output='/proc/x/y.mp4': cannot write in '/proc/x'",
+      "save_latents='/proc/x/l.npy': cannot write in '/proc/x'",
+      "compilation_cache_dir='/proc/x': cannot write in '/proc'",
+      "state_dir='/proc/x': cannot write in '/proc'",
+      "seed=2147483648, expected an integer in -2147483648..2147483647",
+      "dtype='float16' does not run on CPU",
+    ],
+  ),
+  "seed_weights": (
+    [f"--seed={2**70}", "--weights=@w", "--model="],
+    {"w/config.json": b'{"model": 5}'},
+    [f"seed={2**70}, expected an integer in", "config.json: 'model' is 5, expected an object"],
+  ),
+  "output_coordinator": (
+    ["--output=", "--coordinator_address=garbage"],
+    {},
+    ["output='' is empty", "coordinator_address='garbage', expected host:port (port 1..65535)"],
+  ),
+  "prompts_file": (["--prompts_file=@p.txt"], {"p.txt": bytes(range(256))}, ["p.txt' is not a UTF-8 text file"]),
+  "flagfile": (["--flagfile=/nonexistent"], {}, ["--flagfile=/nonexistent: no such file"]),
 }
 
 
 @pytest.mark.parametrize("case", list(LATE))
 def test_refused_up_front(tmp_path, case):
-  args, files, msg = LATE[case]
+  """Exit 2 in a few seconds (the /proc paths too: tried, not guessed), each flag named, no traceback,
+  nothing loaded, no file or folder made."""
+  args, files, msgs = LATE[case]
   inputs = tmp_path / "inputs"
   for name, data in files.items():
     (inputs / name).parent.mkdir(parents=True, exist_ok=True)
@@ -485,10 +516,28 @@ def test_refused_up_front(tmp_path, case):
   args = [a.replace("=@", f"={inputs}/") for a in args]
   p, took = _cli(*BASE_FLAGS, f"--output={tmp_path / 'out' / 'v.mp4'}", *args)
   assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-  assert msg in p.stderr and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+  assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+  for msg in msgs:
+    assert msg in p.stderr, (msg, p.stderr)
   assert "random weights" not in p.stdout and "compiled" not in p.stdout  # nothing loaded or compiled
   assert sorted(os.listdir(tmp_path)) == ["inputs"]  # no output, no folder made for it
   assert took < 10, f"took {took:.1f} s"
+
+
+def test_prompts_files_and_coordinator_named(tmp_path):
+  (tmp_path / "p.bin").write_bytes(b"a\x00b")
+  (tmp_path / "p.txt").write_bytes(b"# a comment\n\n")
+  with pytest.raises(ValueError, match=rf"prompts_file='{tmp_path}/p.bin' is a binary file"):
+    sample.read_prompts(str(tmp_path / "p.bin"))
+  with pytest.raises(ValueError, match=rf"prompts_file='{tmp_path}/p.txt' holds no prompt"):
+    sample.read_prompts(str(tmp_path / "p.txt"))
+  with pytest.raises(ValueError, match=rf"prompts_file='{tmp_path}/none.txt': No such file"):
+    sample.read_prompts(str(tmp_path / "none.txt"))
+  for bad in ("host0:http", "host0:0", ":1234", "host0"):
+    sample.parse_flags(["sample", "--prompt=a", f"--coordinator_address={bad}"])
+    assert any(f"coordinator_address='{bad}', expected host:port" in m for m in sample.check_cli_flags()), bad
+  sample.parse_flags(["sample", "--prompt=a", "--coordinator_address=host0:1234", "--num_processes=2"])
+  assert sample.check_cli_flags() == []
 
 
 def test_bad_model_config_fields_are_named(tmp_path):
@@ -501,10 +550,11 @@ def test_bad_model_config_fields_are_named(tmp_path):
     ({"model": good["model"] | {"vae": {"ch_mult": "1,2"}}}, "'model.vae.ch_mult' is '1,2', expected a tuple"),
     ({"model": good["model"] | {"text": {"heads": 5}}}, "invalid TextConfig: width=1024 not divisible by heads=5"),
     ({"model": good["model"], "components": "unet"}, "'components' is 'unet', expected a list"),
+    ([], "holds a JSON list, expected an object"),
   ]
-  for i, (meta, msg) in enumerate(cases):
-    d = _weights_dir(tmp_path, f"w{i}", json.dumps(meta))
-    with pytest.raises(ValueError, match=r"weights=.*config.json: " + msg.replace("(", r"\(").replace(")", r"\)")):
+  for i, (meta, msg) in enumerate(cases + [('{"model": {"na', "is not valid JSON .truncated or edited")]):
+    d = _weights_dir(tmp_path, f"w{i}", meta if isinstance(meta, str) else json.dumps(meta))
+    with pytest.raises(ValueError, match=r"weights=.*config.json:? " + msg.replace("(", r"\(").replace(")", r"\)")):
       pipeline.validate(cfg(weights=str(d), model=""))
 
 

@@ -637,8 +637,10 @@ def _save_state(state_dir: str, state: sampling.SamplerState, cfg: GenerationCon
       f"could not save the state of step {i} in state_dir={state_dir!r}: {video_io.one_line(err)}"
     ) from err
   if jax.process_index() == 0:
-    # keep this state and the newest complete one before it (the fallback when this one is damaged)
-    keep = {path} | set([p for p in _saved_states(state_dir) if p != path][:1])
+    # keep this state and the newest one before it (the fallback when this one is damaged); newer ones are
+    # what a resume from an older state (after a damaged newest one) has replaced
+    older = [p for p in _saved_states(state_dir) if int(os.path.basename(p)[len(STATE_PREFIX) :]) < i]
+    keep = {path} | set(older[:1])
     for n in os.listdir(state_dir):
       old = os.path.abspath(os.path.join(state_dir, n))
       if n.startswith(STATE_PREFIX) and old not in keep:
@@ -687,7 +689,8 @@ def _restore_checked(path: str, step: int, mesh: jax.sharding.Mesh, latent_shape
   try:
     d = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
   except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
-    raise ValueError(f"the checkpoint cannot be read (truncated or damaged?): {video_io.one_line(err)}") from None
+    reason = video_io.one_line(err).split(". See full TensorStore details")[0]  # not its whole spec
+    raise ValueError(f"the checkpoint cannot be read (truncated or damaged?): {reason}") from None
   got = _checksums(d)
   bad = [k for k in target if not isinstance(sums.get(k), dict) or sums[k].get("sha256") != got[k]["sha256"]]
   if bad:
