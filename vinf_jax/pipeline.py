@@ -916,12 +916,12 @@ def _nan_advice(cfg: GenerationConfig, plan: _Plan) -> str:
 
 
 def _from_process0(value: int) -> int:
-  """Process 0's ``value`` on every process (a collective when there are several)."""
+  """Process 0's ``value`` (an int32) on every process (a collective when there are several)."""
   if jax.process_count() == 1:
     return value
   from jax.experimental import multihost_utils
 
-  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _write_outputs(
@@ -982,8 +982,8 @@ def _rescue(cfg: GenerationConfig, state: sampling.SamplerState, latents: np.nda
   import tempfile
 
   stem = os.path.splitext(os.path.basename((cfg.output or cfg.save_latents or "video").rstrip("/")))[0]
-  token = _from_process0(int.from_bytes(os.urandom(4), "little"))
-  temp = os.path.join(tempfile.gettempdir(), f"vinf_jax-rescue-{stem}-{token:08x}")
+  token = _from_process0(int.from_bytes(os.urandom(3), "little"))  # < 2**24: an int32 when broadcast
+  temp = os.path.join(tempfile.gettempdir(), f"vinf_jax-rescue-{stem}-{token:06x}")
   state_dir = cfg.state_dir or cfg.resume
   if state_dir or jax.process_count() == 1:
     failures = []
