@@ -225,6 +225,29 @@ def test_full_disk_through_the_command_line(tmp_path):
   assert "checksums.json" in os.listdir(os.path.join(rescue, "step_00001"))
 
 
+@pytest.mark.parametrize("kind", ["mp4", "gif", "json"])
+def test_folder_turned_read_only_before_the_write(tmp_path, kind):
+  """The output folder becomes read-only after validation (remounted): WriteError in one line, old file kept."""
+  ro = tmp_path / "ro"
+  _mount_tmpfs(ro, "4m")
+  try:
+    (ro / f"v.{kind}").write_bytes(b"old")
+    video_io.check_writable(str(ro / f"v.{kind}"))  # fine now
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    frames = np.zeros((4, 32, 32, 3), np.uint8)
+    with pytest.raises(video_io.WriteError, match=rf"could not write {ro}/v.{kind}: .*Read-only file system") as e:
+      if kind == "json":
+        video_io.write_json(str(ro / "v.json"), {"a": 1})
+      else:
+        video_io.write_video(str(ro / f"v.{kind}"), frames)
+    assert "\n" not in str(e.value)
+    assert os.listdir(ro) == [f"v.{kind}"] and (ro / f"v.{kind}").read_bytes() == b"old"
+    with pytest.raises(ValueError, match=rf"output='{ro}/w.mp4': cannot write in '{ro}': Read-only file system"):
+      video_io.check_writable(str(ro / "w.mp4"))
+  finally:
+    subprocess.run(["umount", str(ro)], check=False)
+
+
 def test_mp4_and_gif_checks():
   frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
   with tempfile.TemporaryDirectory() as d:

@@ -264,6 +264,17 @@ def _fsync(path: str) -> None:
     os.close(fd)
 
 
+def _why_not_writable(directory: str) -> str:
+  """`` (REASON)`` when a file cannot be made in ``directory`` (read-only, full, gone), else ``""``."""
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".vinf_jax-probe-", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as err:
+    return f" ({err.strerror or err})"
+  return ""
+
+
 def check_mp4(path: str) -> None:
   """Raise OSError unless ``path`` is a whole MP4 file: top-level boxes that end exactly at the end of
   the file, with the ``ftyp``, ``mdat`` and ``moov`` boxes (ffmpeg writes ``moov`` last, so a disk that
@@ -406,6 +417,8 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0, *, files: Atomi
   with _quiet_fork():
     render_video(tmp, frames, fps, kind)
   if kind in ("mp4", "gif"):  # ffmpeg reports a full disk but exits quietly: look at what it wrote
+    if not os.path.exists(tmp):
+      raise OSError(errno.EIO, f"the encoder wrote no file{_why_not_writable(os.path.dirname(tmp))}", tmp)
     (check_mp4 if kind == "mp4" else check_gif)(tmp)
   return os.path.abspath(path.rstrip("/"))
 
