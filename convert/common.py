@@ -117,18 +117,52 @@ def check_table(
     raise ConversionError(f"{what}: the checkpoint does not match the model\n" + "\n".join(errors))
 
 
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def check_float_sources(sources: Mapping[str, SourceTensor], what: str) -> None:
+  """Raise ConversionError listing every tensor not stored as a real floating-point dtype (an int, bool or
+  complex tensor where a weight should be means the file is not the checkpoint it claims to be)."""
+  bad = sorted(f"{k} ({s.stored_dtype})" for k, s in sources.items() if s.stored_dtype not in FLOAT_DTYPES)
+  if bad:
+    raise ConversionError(
+      f"{what}: weights must be floating point ({', '.join(FLOAT_DTYPES)})\n"
+      + _listing("tensors of another dtype", bad)
+    )
+
+
 def convert(
   table: Mapping[Path, Rule], targets: Mapping[Path, tuple], sources: Mapping[str, SourceTensor], dtype, what: str
 ) -> dict:
-  """Check, then build the nested parameter dict (numpy, ``dtype``) one tensor at a time."""
+  """Check, then build the nested parameter dict (numpy, ``dtype``) one tensor at a time.
+
+  Besides the table's checks, every source must be stored as floating point (checked before anything
+  is loaded) and hold only finite values, also after the cast to ``dtype`` (checked as each is loaded;
+  the error lists every offending key).
+  """
   check_table(table, targets, {k: s.shape for k, s in sources.items()}, what)
+  check_float_sources({r.source: sources[r.source] for r in table.values()}, what)
   nested: dict = {}
+  not_finite, overflow = [], []
   for path, rule in table.items():
     w = TRANSFORMS[rule.transform](np.asarray(sources[rule.source].load()))
+    with np.errstate(over="ignore"):  # an overflow is reported below, by key
+      cast = np.ascontiguousarray(w.astype(dtype))
+    if not np.isfinite(w).all():
+      not_finite.append(f"{rule.source}: {int(np.size(w) - np.isfinite(w).sum())} of {np.size(w)} values")
+    elif not np.isfinite(cast).all():
+      overflow.append(f"{rule.source}: max |value| {float(np.abs(w).max()):.4g}")
     node = nested
     for k in path[:-1]:
       node = node.setdefault(k, {})
-    node[path[-1]] = np.ascontiguousarray(w.astype(dtype))
+    node[path[-1]] = cast
+  errors = []
+  if not_finite:
+    errors.append(_listing("tensors holding NaN or inf", not_finite))
+  if overflow:
+    errors.append(_listing(f"tensors that overflow {np.dtype(dtype).name} (store them as float32)", overflow))
+  if errors:
+    raise ConversionError(f"{what}: the weights must be finite\n" + "\n".join(errors))
   return nested
 
 

@@ -146,7 +146,8 @@ def _row_block(src: S, i: int, n: int) -> S:
   """Rows [i*n, (i+1)*n) of ``src`` (a lazy tensor, or just a shape)."""
   shape = (n, *_shape(src)[1:])
   if isinstance(src, SourceTensor):
-    return SourceTensor(shape, lambda src=src, i=i, n=n: np.asarray(src.load())[i * n : (i + 1) * n])
+    rows = lambda src=src, i=i, n=n: np.asarray(src.load())[i * n : (i + 1) * n]
+    return SourceTensor(shape, rows, src.stored_dtype)
   return shape
 
 

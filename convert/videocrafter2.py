@@ -36,8 +36,8 @@ from absl import app, flags
 
 from convert import common, text_table, turbo, unet_table, vae_table
 from convert.common import ConversionError, SourceTensor
-from convert.torch_io import UnsafeCheckpointError, load_sources, load_tensor_list
-from vinf_jax import checkpoint, sampling, tokenizer
+from convert.torch_io import UnsafeCheckpointError, load_sources, load_tensor_list, weights_file_kind
+from vinf_jax import checkpoint, sampling, tokenizer, video_io
 from vinf_jax.config import ModelConfig, preset, to_dtype
 from vinf_jax.models import unet3d
 
@@ -166,10 +166,51 @@ def tokenizer_files(spec: str | None, out_dir: str) -> None:
         raise ConversionError(f"--tokenizer directory {spec} has no {name}")
       shutil.copy(os.path.join(spec, name), out_dir)
   elif os.path.isfile(spec):
-    tokenizer.write_vocab_files(spec, out_dir)
+    try:
+      tokenizer.write_vocab_files(spec, out_dir)
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+      raise ConversionError(
+        f"--tokenizer {spec} is not open_clip's gzip-compressed BPE file (bpe_simple_vocab_16e6.txt.gz): {e}"
+      ) from None
+    except ValueError as e:
+      raise ConversionError(f"--tokenizer {e}") from None
   else:
     raise ConversionError(f"--tokenizer {spec}: no such file or directory")
-  tokenizer.load_tokenizer(out_dir)(["a tokenizer check"])  # fail here, not at sampling time
+  try:
+    tokenizer.load_tokenizer(out_dir)(["a tokenizer check"])  # fail here, not at sampling time
+  except Exception as e:  # transformers raises many kinds for malformed vocab.json / merges.txt
+    raise ConversionError(f"--tokenizer {spec}: the vocabulary does not load: {str(e).splitlines()[0]}") from None
+
+
+def check_inputs(
+  out: str,
+  ckpt: str | None = None,
+  diffusers_unet: str | None = None,
+  diffusers_vae: str | None = None,
+  clip_text_model: str | None = None,
+  tokenizer_spec: str | None = None,
+  turbo_lora: str | None = None,
+  turbo_unet: str | None = None,
+) -> None:
+  """Check every input before anything is converted: each weights file exists and is a whole PyTorch or
+  safetensors file (not empty, text, truncated), the tokenizer files load, and ``out`` can be created.
+  Raises ConversionError / ValueError in one line naming the flag and the file."""
+  video_io.check_writable(out, "--out", directory=True)
+  for flag, path in (
+    ("--ckpt", ckpt),
+    ("--diffusers_unet", diffusers_unet),
+    ("--diffusers_vae", diffusers_vae),
+    ("--clip_text_model", clip_text_model),
+    ("--turbo_lora", turbo_lora),
+    ("--turbo_unet", turbo_unet),
+  ):
+    if path is None:
+      continue
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+    weights_file_kind(path if flag in ("--ckpt", "--turbo_lora", "--turbo_unet") else _weights_file(path), flag)
+  with tempfile.TemporaryDirectory(prefix="vinf_jax-tokenizer-check-") as d:
+    tokenizer_files(tokenizer_spec, os.path.join(d, "tokenizer"))
 
 
 def _save(tmp: str, name: str, params: dict) -> None:
@@ -203,8 +244,9 @@ def run(
   out = os.path.abspath(out)
   if os.path.exists(out):
     raise ValueError(f"--out {out} already exists; choose a new directory")
+  check_inputs(out, ckpt, diffusers_unet, diffusers_vae, clip_text_model, tokenizer_spec, turbo_lora, turbo_unet)
   parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
+  created = video_io.make_dirs(parent)
   np_dtype = to_dtype(dtype)
   cfg = cfg.with_dtype("float32", dtype)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
@@ -254,6 +296,7 @@ def run(
     os.rename(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    video_io.remove_dirs(created)
     raise
   print(f"wrote {out}: {', '.join(components)}")
 
@@ -323,6 +366,9 @@ def check_manifest(path: str) -> int:
 
 
 def main(argv):
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)  # orbax logs ~18 KB of INFO lines per conversion
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = {k: v.value for k, v in _FLAGS.items()}
@@ -344,11 +390,19 @@ def main(argv):
       turbo_lora=f["turbo_lora"],
       turbo_unet=f["turbo_unet"],
     )
-  except (ConversionError, UnsafeCheckpointError, ValueError, FileNotFoundError) as e:
+  except (ConversionError, UnsafeCheckpointError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
 
 
+def _help() -> str:
+  """The module docstring and this converter's flags (absl's --help exits with status 1)."""
+  return f"{__doc__.strip()}\n\nflags:\n{flags.FLAGS.main_module_help()}"
+
+
 if __name__ == "__main__":
+  if any(a in ("-h", "-?", "--help", "-help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+    print(_help())
+    sys.exit(0)
   app.run(lambda argv: sys.exit(main(argv)))

@@ -74,3 +74,7 @@ def test_helpfull_lists_every_flag():
   assert p.returncode == 0, p.stderr
   for name in sample.F:
     assert f"--{name}" in p.stdout or f"--[no]{name}" in p.stdout, name
+  # plain text (no reST markup of the module docstring), and --flagfile itself
+  assert p.stdout.startswith("Make a long video: python -m vinf_jax.sample --flagfile")
+  assert "``" not in p.stdout and ":class:" not in p.stdout and ":func:" not in p.stdout
+  assert "--flagfile:" in p.stdout

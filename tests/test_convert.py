@@ -195,3 +195,137 @@ def test_diffusers_unet_file_converts_to_the_same_weights(tmp_path):
   targets = common.target_shapes(unet3d.abstract(TINY.unet))
   want = common.convert(unet_table.diffusers_table(targets, TINY.unet), targets, torch_sources(sd), np.float32, "u")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), checkpoint.param_tree(restored), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs (issue 16): refused in one line, before anything is converted, nothing left behind.
+
+UNET_KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, torch.int64, torch.complex64])
+def test_non_float_tensors_are_refused_by_key(tmp_path, state_dict, dtype):
+  sd = dict(state_dict)
+  sd[UNET_KEY] = torch.ones(sd[UNET_KEY].shape, dtype=dtype)
+  _expect_failure(tmp_path, sd, "weights must be floating point", f"{UNET_KEY[len('model.diffusion_model.') :]} (")
+
+
+def test_nan_inf_and_overflow_are_refused_by_key(tmp_path, state_dict):
+  sd = dict(state_dict)
+  nan_key, inf_key = UNET_KEY, "model.diffusion_model.out.2.weight"
+  sd[nan_key] = sd[nan_key].clone()
+  sd[nan_key].view(-1)[3] = float("nan")
+  sd[inf_key] = sd[inf_key].clone()
+  sd[inf_key].view(-1)[0] = float("inf")
+  msg = _expect_failure(tmp_path, sd, "2 tensors holding NaN or inf", "in_layers.2.weight: 1 of", "out.2.weight: 1 of")
+  assert "the weights must be finite" in msg
+  big = dict(state_dict)
+  big[inf_key] = big[inf_key].clone()
+  big[inf_key].view(-1)[0] = 1e6  # finite in float32, inf in float16
+  with pytest.raises(common.ConversionError, match=r"overflow float16 .*\n.*out.2.weight: max \|value\| 1e\+06"):
+    _convert(tmp_path, {"state_dict": big}, dtype="float16")
+  assert _leftovers(tmp_path) == []
+
+
+def _bad_file(tmp_path, kind, state_dict):
+  path = tmp_path / "model.ckpt"
+  if kind == "empty":
+    path.write_bytes(b"")
+  elif kind == "text":
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 13\n")
+  elif kind == "random":
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  elif kind in ("truncated_zip", "truncated_pickle"):
+    full = tmp_path / "full.ckpt"
+    torch.save({"state_dict": state_dict}, full, _use_new_zipfile_serialization=kind == "truncated_zip")
+    data = full.read_bytes()
+    full.unlink()
+    path.write_bytes(data[: len(data) // 2])
+  elif kind == "zip_not_torch":
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("readme.txt", "hello")
+  elif kind == "truncated_safetensors":
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(1000), "b": torch.ones(1000)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+  elif kind == "tensor_not_dict":
+    torch.save(torch.zeros(3), path)
+  return path
+
+
+BAD_FILES = {
+  "empty": "is empty (0 bytes)",
+  "text": "is a text file, not a PyTorch or safetensors checkpoint",
+  "random": "is neither a PyTorch checkpoint (zip or pickle) nor a safetensors file",
+  "truncated_zip": "is a truncated zip archive",
+  "truncated_pickle": "cannot be read (truncated or damaged?)",
+  "zip_not_torch": "is a zip archive but not a PyTorch checkpoint",
+  "truncated_safetensors": "is a truncated safetensors file",
+  "tensor_not_dict": "checkpoint holds a Tensor, expected a dict of tensors",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_checkpoint_files_in_one_line(tmp_path, state_dict, kind, capsys):
+  path = _bad_file(tmp_path, kind, state_dict)
+  out = tmp_path / "new" / "out"
+  with pytest.raises((common.ConversionError, ValueError)) as e:
+    videocrafter2.run(out=str(out), cfg=TINY, dtype="float32", ckpt=str(path))
+  msg = str(e.value)
+  assert BAD_FILES[kind] in msg and str(path) in msg and "\n" not in msg, msg
+  assert not (tmp_path / "new").exists()  # the parent folder made for --out is gone again
+  if kind not in ("truncated_pickle", "tensor_not_dict"):  # found by looking at the file, before reading it
+    assert "reading" not in capsys.readouterr().out
+
+
+def test_every_input_is_checked_before_converting(tmp_path, state_dict, capsys):
+  src = tmp_path / "model.ckpt"
+  torch.save({"state_dict": state_dict}, src)
+  not_gzip = tmp_path / "bpe.txt.gz"
+  not_gzip.write_text("not gzip")
+  cases = [
+    (dict(tokenizer_spec=str(not_gzip)), "--tokenizer .*bpe.txt.gz is not open_clip's gzip-compressed BPE file"),
+    (dict(tokenizer_spec=str(tmp_path / "nope.gz")), "--tokenizer .*nope.gz: no such file"),
+    (dict(out="/proc/x/out"), "--out='/proc/x/out': cannot write in '/proc/x'"),
+  ]
+  for kw, msg in cases:
+    out = kw.pop("out", str(tmp_path / "out"))
+    with pytest.raises((common.ConversionError, ValueError), match=msg):
+      videocrafter2.run(out=out, cfg=TINY, dtype="float32", ckpt=str(src), **kw)
+    assert "reading" not in capsys.readouterr().out  # refused before the checkpoint was read
+  assert _leftovers(tmp_path) == ["bpe.txt.gz"]
+
+
+def test_failed_conversion_removes_the_parent_folders_it_made(tmp_path, state_dict):
+  sd = dict(state_dict)
+  del sd[UNET_KEY]
+  src = tmp_path / "model.ckpt"
+  torch.save({"state_dict": sd}, src)
+  with pytest.raises(common.ConversionError, match="1 missing source keys"):
+    videocrafter2.run(out=str(tmp_path / "a" / "b" / "out"), cfg=TINY, dtype="float32", ckpt=str(src))
+  assert _leftovers(tmp_path) == []
+
+
+def test_cli_help_and_a_quiet_conversion(tmp_path, state_dict):
+  def run(args):
+    return subprocess.run(
+      [sys.executable, "-m", "convert.videocrafter2", *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+  r = run(["--help"])
+  assert r.returncode == 0 and "--ckpt" in r.stdout and "--tokenizer" in r.stdout, r.stderr
+  src = tmp_path / "model.ckpt"
+  torch.save({"state_dict": state_dict}, src)
+  r = run([f"--ckpt={src}", f"--out={tmp_path / 'out'}", "--model=tiny"])
+  assert r.returncode == 0, r.stderr
+  assert "wrote" in r.stdout and len(r.stderr) < 2000, r.stderr  # no INFO lines of orbax
+  # and a bad file through the command line: exit 1, one line, no traceback
+  bad = tmp_path / "empty.ckpt"
+  bad.write_bytes(b"")
+  r = run([f"--ckpt={bad}", f"--out={tmp_path / 'o2'}", "--model=tiny"])
+  assert r.returncode == 1 and r.stderr.strip() == f"error: --ckpt {bad} is empty (0 bytes)", r.stderr

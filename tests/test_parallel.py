@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -203,7 +204,7 @@ def test_official_temporal_conv_semantics_on_two_devices():
 def _official_attention_rank(q, k, v, r, world, f, p, top_k, t, phase_t=800.0, bias=10.0):
   """AttentionPlugin on rank r (method notes, section 2 pseudo-code)."""
   share = top_k // world
-  stride = max(f // share, 1)
+  stride = max(f // share, 1) if share > 0 else 10**6  # share 0: only local frame 0
   idx = np.arange(0, f, stride)
   kg = np.concatenate([k[:, :, rr * f + idx] for rr in range(world)], 2)[:, :, :top_k]
   vg = np.concatenate([v[:, :, rr * f + idx] for rr in range(world)], 2)[:, :, :top_k]
@@ -252,6 +253,73 @@ def test_official_attention_semantics_on_two_devices(t):
   )
   got = f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v))).transpose(0, 2, 1, 3, 4)
   assert rel_err(got, want) <= RTOL
+
+
+def _official_global_indices(f, world, top_k):
+  """The official get_topk on every rank (method notes, section 2): local indices arange(0, F, stride),
+  stride = max(F // (top_k // W), 1) (share 0: only frame 0), ranks concatenated in order, cut to top_k."""
+  share = top_k // world
+  stride = max(f // share, 1) if share > 0 else 10**6
+  idx = np.arange(0, f, stride)
+  return [int(r * f + i) for r in range(world) for i in idx][:top_k]
+
+
+def test_official_global_positions_restated():
+  for f in (1, 3, 4, 8, 10, 24, 25, 288):
+    for world in range(1, 18):
+      for top_k in (1, 3, 8, 16, 24):
+        got = parallel.global_positions(world * f, top_k, world, "official")
+        assert list(got) == _official_global_indices(f, world, top_k), (f, world, top_k)
+  # the notes' numbers for F=24, top_k=16
+  assert parallel.global_positions(24, 16, 1, "official") == tuple(range(16))
+  assert parallel.global_positions(48, 16, 2, "official") == tuple(range(0, 48, 3))
+  assert len(parallel.global_positions(120, 16, 5, "official")) == 15
+  assert parallel.global_positions(192, 16, 8, "official")[:4] == (0, 12, 24, 36)
+  assert parallel.global_positions(17 * 24, 16, 17, "official") == tuple(range(0, 16 * 24, 24))
+  # the default is unchanged: k * N / G whatever the device count
+  assert parallel.global_positions(48, 16, 3) == tuple(range(0, 48, 3))
+
+
+def test_official_global_frames_frame_checks():
+  official = TemporalConfig(attention="dual", window=8, num_global=16, global_frames="official")
+  parallel.check_frames(24, 1, official)  # the official single-GPU example
+  parallel.check_frames(30, 3, dataclasses.replace(official, window=4, num_global=8))
+  with pytest.raises(ValueError, match="not divisible by num_global G=16 .global_frames=video"):
+    parallel.check_frames(24, 1, dataclasses.replace(official, global_frames="video"))
+  with pytest.raises(ValueError, match="global_frames='all', expected 'video' or 'official'"):
+    dataclasses.replace(official, global_frames="all").validate()
+
+
+@pytest.mark.parametrize("f, p, top_k, t", [(8, 4, 16, 900.0), (8, 4, 16, 300.0), (10, 3, 8, 900.0), (6, 2, 2, 900.0)])
+def test_official_attention_semantics_on_three_devices(f, p, top_k, t):
+  """global_frames=official on 3 devices, where 3 does not divide G: each rank's own evenly spaced frames
+  (8 frames, G=16: all 24 frames cut to 16; 10 frames, G=8: 2 per rank, 6 in all; G=2 < 3: frame 0 of
+  ranks 0 and 1), against the official plugin restated rank by rank."""
+  rng = np.random.default_rng(f * 100 + top_k)
+  n = 3 * f
+  q, k, v = (rng.standard_normal((1, 3, n, 2, 8), dtype=np.float32) for _ in range(3))
+  want = np.concatenate([_official_attention_rank(q, k, v, r, 3, f, p, top_k, t) for r in range(3)], 2)
+  cfg = TemporalConfig(
+    attention="dual", window=p, num_global=top_k, group_norm="local", video_ends="zeros", global_frames="official"
+  )
+  mesh = parallel.make_mesh(3)
+  frames = parallel.frame_context(mesh, cfg)
+  assert list(frames.global_positions(n)) == _official_global_indices(f, 3, top_k)
+  spec = P(None, parallel.FRAMES)  # [B, T, M, H, D]
+  fn = jax.jit(
+    jax.shard_map(
+      lambda q, k, v: dual_scope_attention(q, k, v, jnp.array([t]), frames),
+      mesh=mesh,
+      in_specs=(spec, spec, spec),
+      out_specs=spec,
+      check_vma=False,
+    )
+  )
+  got = fn(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v))).transpose(0, 2, 1, 3, 4)
+  assert rel_err(got, want) <= RTOL
+  if top_k == 16:  # and the video rule (k*N/G) differs from it here
+    video = parallel.frame_context(mesh, dataclasses.replace(cfg, global_frames="video", num_global=8))
+    assert video.global_positions(n) != frames.global_positions(n)
 
 
 def test_multi_host_equals_one_process(tmp_path):

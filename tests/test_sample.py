@@ -73,6 +73,7 @@ def test_demo_flagfile_end_to_end(tmp_path):
   assert side["prompts"] == ["a red panda eating bamboo in a misty forest"]
   assert side["seed"] == 0 and side["settings"]["steps"] == 10 and side["settings"]["sampler"] == "dpmpp_sde"
   assert side["devices"]["count"] == 8 and side["devices"]["processes"] == 1
+  assert side["settings"]["num_devices"] == 8  # the count used, not the flag's 0 ("all")
   assert set(side["timings_s"]) >= {"load", "encode", "compile", "denoise", "decode", "write"}
   assert side["versions"]["jax"] and side["output"]["frames"] == 32
   assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
@@ -137,7 +138,7 @@ def test_resume_equals_uninterrupted(models, tmp_path):
   full = pipeline.generate(cfg(), models=models, log=quiet)
   part = pipeline.generate(cfg(save_state_every=1, state_dir=str(state), stop_after=2), models=models, log=quiet)
   assert part.latents is None and part.steps_done == 2 and part.num_steps == 3
-  assert sorted(os.listdir(state)) == ["run.json", "step_00002"]  # older checkpoints are removed
+  assert sorted(os.listdir(state)) == ["run.json", "step_00001", "step_00002"]  # the last two are kept
   out = tmp_path / "resumed.mp4"
   done = pipeline.generate(cfg(resume=str(state), output=str(out)), models=models)
   assert done.steps_done == 3

@@ -8,6 +8,7 @@ each array directly with the requested sharding (replicated over a mesh, say).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -91,8 +92,6 @@ def read_model_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("unet", 
   """(ModelConfig, components) of a converted directory; errors name what is missing."""
   import json
 
-  from vinf_jax.config import ModelConfig
-
   path = os.fspath(path)
   cfg_file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(cfg_file):
@@ -100,11 +99,58 @@ def read_model_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("unet", 
       f"{path} is not a converted model directory (no {CONFIG_FILE}); "
       "convert weights with `python -m convert.videocrafter2 --ckpt model.ckpt --out DIR`"
     )
-  with open(cfg_file) as f:
-    meta = json.load(f)
-  cfg = ModelConfig.from_dict(meta["model"])
-  have = list(meta.get("components", []))
+  try:
+    with open(cfg_file, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise ValueError(f"{cfg_file} is not valid JSON (truncated or edited?): {err}") from None
+  cfg = _model_config(meta, cfg_file)
+  have = meta.get("components", [])
+  if not (isinstance(have, list) and all(isinstance(c, str) for c in have)):
+    raise ValueError(f"{cfg_file}: 'components' is {have!r}, expected a list of component names")
   missing = [c for c in need if c not in have or not os.path.isdir(os.path.join(path, c))]
   if missing:
     raise FileNotFoundError(f"converted model directory {path} is incomplete: missing {missing} (has {have})")
   return cfg, have
+
+
+def _model_config(meta, cfg_file: str):
+  """The ModelConfig of a converted directory's ``config.json`` content; ValueError naming the bad field."""
+  from vinf_jax.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+
+  if not isinstance(meta, dict):
+    raise ValueError(f"{cfg_file} holds a JSON {type(meta).__name__}, expected an object with 'model' and 'components'")
+  model = meta.get("model")
+  if not isinstance(model, dict):
+    raise ValueError(f"{cfg_file}: 'model' is {model!r}, expected an object with name, unet, vae and text")
+  for name, klass in (("unet", UNetConfig), ("vae", VAEConfig), ("text", TextConfig)):
+    sub = model.get(name)
+    if not isinstance(sub, dict):
+      raise ValueError(f"{cfg_file}: 'model.{name}' is {sub!r}, expected an object of {klass.__name__} fields")
+    for f in dataclasses.fields(klass):
+      default = getattr(klass(), f.name)
+      if f.name in sub and not _json_fits(sub[f.name], default):
+        kind = type(default).__name__
+        raise ValueError(f"{cfg_file}: 'model.{name}.{f.name}' is {sub[f.name]!r}, expected a {kind}")
+  if not isinstance(model.get("name"), str):
+    raise ValueError(f"{cfg_file}: 'model.name' is {model.get('name')!r}, expected a string")
+  try:
+    cfg = ModelConfig.from_dict(model)
+    for part in (cfg.unet, cfg.vae, cfg.text):
+      part.validate()
+  except (ValueError, TypeError, KeyError) as err:  # validate() lists its errors one a line: keep one line
+    raise ValueError(f"{cfg_file}: " + str(err).replace(":\n  - ", ": ").replace("\n  - ", "; ")) from None
+  return cfg
+
+
+def _json_fits(value, default) -> bool:
+  """A JSON value can stand for a config field whose default is ``default``."""
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, int | float) and not isinstance(value, bool)
+  if isinstance(default, tuple):
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+  return isinstance(value, type(default))

@@ -314,7 +314,11 @@ class TemporalConfig:
       device) or 'dual' (Video-Infinity's dual-scope attention: a +-``window`` local band plus
       ``num_global`` global frames in one softmax).
     window: P, the local half-window in frames (query frame i sees i-P..i+P).
-    num_global: G, global frames at the fixed video indices k * N / G.
+    num_global: G, the number of global frames (see ``global_frames``).
+    global_frames: which frames are global: 'video' (the fixed video indices k * N / G, so the result does
+      not depend on the device count; G must divide N) or 'official' (as the official code: each device's
+      local frames ``0, s, 2s, ...`` with ``s = max(T // (G // D), 1)`` (only frame 0 when G < D), in
+      device order, the first G of them; fewer than G when they run out).
     global_phase_from: timesteps t >= this add ``global_bias`` to the global keys' logits.
     local_phase_below: timesteps t < this add ``local_bias`` to the local keys' logits.
     global_bias: logit bias on global keys in the global phase (official: 10).
@@ -335,6 +339,7 @@ class TemporalConfig:
   global_bias: float = 10.0
   local_bias: float = 10.0
   video_ends: str = "zeros"
+  global_frames: str = "video"
   group_norm: str = "global"
   query_block: int = 0
 
@@ -344,6 +349,11 @@ class TemporalConfig:
     _check(e, self.window >= 0, f"window={self.window}, expected >= 0")
     _check(e, self.num_global >= 1, f"num_global={self.num_global}, expected >= 1")
     _check(e, self.video_ends in ("zeros", "mask"), f"video_ends={self.video_ends!r}, expected 'zeros' or 'mask'")
+    _check(
+      e,
+      self.global_frames in ("video", "official"),
+      f"global_frames={self.global_frames!r}, expected 'video' or 'official'",
+    )
     _check(e, self.group_norm in ("global", "local"), f"group_norm={self.group_norm!r}, expected 'global' or 'local'")
     _check(e, self.query_block >= 0, f"query_block={self.query_block}, expected >= 0")
     _raise("TemporalConfig", e)

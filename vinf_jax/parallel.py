@@ -106,6 +106,10 @@ class FrameContext:
       return x
     return jax.lax.all_gather(x, self.axis_name, axis=axis, tiled=True)
 
+  def global_positions(self, num_frames: int) -> tuple[int, ...]:
+    """Video indices of the dual-scope attention's global frames (:func:`global_positions`)."""
+    return global_positions(num_frames, self.temporal.num_global, self.num_shards, self.temporal.global_frames)
+
   def gather_frames(self, x: jax.Array, positions: tuple[int, ...], axis: int) -> jax.Array:
     """Frames at the given (static, sorted) video positions, identical on every device."""
     t = x.shape[axis]
@@ -139,8 +143,23 @@ def _gather_plan(positions: tuple[int, ...], t: int, d: int) -> _GatherPlan:
   return _GatherPlan(c, local_index, np.asarray(select, np.int32))
 
 
-def global_positions(num_frames: int, num_global: int) -> tuple[int, ...]:
-  """The fixed video indices k * N / G of the dual-scope attention's global frames."""
+def global_positions(num_frames: int, num_global: int, num_devices: int = 1, rule: str = "video") -> tuple[int, ...]:
+  """Video indices of the dual-scope attention's global frames, sorted.
+
+  ``rule='video'``: the fixed indices k * N / G (G must divide N), whatever the device count.
+  ``rule='official'``: as the official code, on ``num_devices`` devices of T = N / D frames: each device
+  takes its local frames ``0, s, 2s, ... < T`` with ``s = max(T // (G // D), 1)`` (only local frame 0
+  when ``G // D == 0``), gathered in device order, and the first G of them are kept (fewer when there are
+  fewer: G=16 on 5 devices of 24 frames gives 15).
+  """
+  if rule == "official":
+    if num_frames % num_devices:
+      raise ValueError(f"{num_frames} frames are not divisible by the {num_devices} devices")
+    t, share = num_frames // num_devices, num_global // num_devices
+    local = range(0, t, max(t // share, 1)) if share > 0 else range(1)
+    return tuple(r * t + i for r in range(num_devices) for i in local)[:num_global]
+  if rule != "video":
+    raise ValueError(f"global frame rule {rule!r}, expected 'video' or 'official'")
   if num_frames % num_global:
     raise ValueError(f"{num_frames} frames are not divisible by num_global={num_global}")
   stride = num_frames // num_global
@@ -167,8 +186,11 @@ def check_frames(num_frames: int, num_devices: int, temporal: TemporalConfig) ->
           f"window P={temporal.window} is larger than the {t} frames each device holds "
           f"(frames={num_frames} over {num_devices} devices)"
         )
-      if num_frames % temporal.num_global:
-        e.append(f"frames={num_frames} is not divisible by num_global G={temporal.num_global}")
+      if num_frames % temporal.num_global and temporal.global_frames == "video":
+        e.append(
+          f"frames={num_frames} is not divisible by num_global G={temporal.num_global} (global_frames=video; "
+          "global_frames=official takes each device's evenly spaced frames instead)"
+        )
   if e:
     raise ValueError("frames do not fit the parallel scheme:\n  - " + "\n  - ".join(e))
 
@@ -176,7 +198,7 @@ def check_frames(num_frames: int, num_devices: int, temporal: TemporalConfig) ->
 def lcm_frames(num_devices: int, temporal: TemporalConfig) -> int:
   """Smallest frame-count step that every check above accepts (for error messages)."""
   step = num_devices
-  if temporal.attention == "dual":
+  if temporal.attention == "dual" and temporal.global_frames == "video":
     step = step * temporal.num_global // math.gcd(step, temporal.num_global)
   return step
 

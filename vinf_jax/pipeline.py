@@ -17,6 +17,7 @@ One call, :func:`generate`, runs the whole job from a frozen :class:`GenerationC
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,8 +34,10 @@ from vinf_jax import checkpoint, parallel, sampling, video_io
 from vinf_jax.config import PRESETS, ModelConfig, TemporalConfig, preset
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SEED_RANGE = (-(2**31), 2**31 - 1)
 STATE_META = "run.json"
 STATE_PREFIX = "step_"
+STATE_CHECKSUMS = "checksums.json"
 _SAMPLER, _TEMPORAL = sampling.SamplerConfig(), TemporalConfig()
 
 
@@ -59,7 +62,7 @@ class GenerationConfig:
       motion_scale, motion_cutoff: see SamplerConfig.
     guidance: see SamplerConfig; None: 12 for the guided samplers, 7.5 (the embedded w) for 'turbo'.
     attention, window, num_global, global_phase_from, local_phase_below, global_bias, local_bias,
-      video_ends, group_norm, query_block: see TemporalConfig.
+      video_ends, global_frames, group_norm, query_block: see TemporalConfig.
     global_phase_steps: K > 0: dual-scope attention's global phase covers the first K sampling steps and the
       local phase the rest, whatever their timesteps (the thresholds become the K-th step's timestep);
       0: the timestep thresholds global_phase_from / local_phase_below (the paper's rule).
@@ -107,6 +110,7 @@ class GenerationConfig:
   global_bias: float = _TEMPORAL.global_bias
   local_bias: float = _TEMPORAL.local_bias
   video_ends: str = _TEMPORAL.video_ends
+  global_frames: str = _TEMPORAL.global_frames
   group_norm: str = _TEMPORAL.group_norm
   query_block: int = _TEMPORAL.query_block
   global_phase_steps: int = 0
@@ -247,6 +251,8 @@ def validate(cfg: GenerationConfig) -> _Plan:
           f"{model.vae.downsample_factor} and the UNet by {model.unet.downsample_factor} more); "
           f"e.g. {max(f, round(v / f) * f) if isinstance(v, int | float) else 320}"
         )
+  if not (isinstance(cfg.seed, int) and SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]):
+    e.append(f"seed={cfg.seed!r}, expected an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]} (the noise key is int32)")
   if not (isinstance(cfg.fps, int) and cfg.fps >= 1):
     e.append(f"fps={cfg.fps!r}, expected an integer >= 1 (the frame rate the UNet is conditioned on)")
   if not (np.isfinite(cfg.export_fps) and cfg.export_fps > 0):
@@ -292,6 +298,8 @@ def validate(cfg: GenerationConfig) -> _Plan:
 
   if cfg.dtype not in DTYPES:
     e.append(f"dtype={cfg.dtype!r}, expected one of {', '.join(DTYPES)}")
+  elif cfg.dtype == "float16" and jax.default_backend() == "cpu":
+    e.append("dtype='float16' does not run on CPU (XLA:CPU has no float16 matmul); use float32 or bfloat16")
   num_devices = _check_devices(cfg, e)
   if temporal is not None and num_devices and isinstance(cfg.frames, int) and cfg.frames >= 1:
     try:
@@ -316,6 +324,11 @@ def validate(cfg: GenerationConfig) -> _Plan:
       )
 
   _check_paths(cfg, e)
+  if cfg.compilation_cache_dir:
+    try:
+      video_io.check_writable(cfg.compilation_cache_dir, "compilation_cache_dir", reuse=True)
+    except ValueError as err:
+      e.append(str(err))
   if e:
     raise ValueError("invalid settings:\n  - " + "\n  - ".join(e))
   tok = os.path.join(cfg.weights, "tokenizer") if cfg.weights else None
@@ -390,15 +403,13 @@ def _check_paths(cfg: GenerationConfig, e: list[str]) -> None:
   state_dir = cfg.state_dir or cfg.resume
   if (cfg.save_state_every or cfg.stop_after) and not state_dir:
     e.append("save_state_every / stop_after need state_dir (or resume) to save the state in")
-  if cfg.state_dir:
-    if os.path.exists(cfg.state_dir) and not os.path.isdir(cfg.state_dir):
-      e.append(f"state_dir={cfg.state_dir!r} exists and is not a directory")
-    elif not os.path.exists(cfg.state_dir):
-      try:
-        video_io.check_writable(cfg.state_dir, "state_dir", directory=True)
-      except ValueError as err:
-        e.append(str(err))
-    elif _latest_state(cfg.state_dir) and os.path.abspath(cfg.state_dir) != os.path.abspath(cfg.resume or "//"):
+  if state_dir and (cfg.save_state_every or cfg.stop_after or cfg.state_dir):
+    try:
+      video_io.check_writable(state_dir, "state_dir" if cfg.state_dir else "resume", reuse=True)
+    except ValueError as err:
+      e.append(str(err))
+  if cfg.state_dir and os.path.isdir(cfg.state_dir):
+    if _latest_state(cfg.state_dir) and os.path.abspath(cfg.state_dir) != os.path.abspath(cfg.resume or "//"):
       e.append(
         f"state_dir={cfg.state_dir!r} already holds saved state: pass resume={cfg.state_dir!r} to continue it, "
         "or choose an empty directory"
@@ -409,9 +420,13 @@ def _check_paths(cfg: GenerationConfig, e: list[str]) -> None:
     elif _latest_state(cfg.resume) is None:
       e.append(f"resume={cfg.resume!r} holds no completed state checkpoint")
     else:
-      with open(os.path.join(cfg.resume, STATE_META)) as f:
-        saved = json.load(f)["fingerprint"]
+      try:
+        saved = _read_fingerprint(cfg.resume)
+      except ValueError as err:
+        e.append(str(err))
+        return
       now = json.loads(json.dumps(_fingerprint(cfg)))
+      saved = {"global_frames": "video"} | saved  # states saved before the setting existed
       diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
       if diff:
         e.append(
@@ -610,7 +625,7 @@ def _fingerprint(cfg: GenerationConfig) -> dict:
   keep = (
     "prompts negative_prompt weights model weights_seed frames height width fps seed sampler steps guidance eta "
     "ddim_exact_steps attention window num_global global_phase_from local_phase_below global_bias local_bias "
-    "video_ends group_norm query_block dtype num_devices prompt_transition"
+    "video_ends global_frames group_norm query_block dtype num_devices prompt_transition"
   ).split()
   d = {k: getattr(cfg, k) for k in keep}
   d["prompts"] = list(d["prompts"])
@@ -626,39 +641,124 @@ def _fingerprint(cfg: GenerationConfig) -> dict:
   return d
 
 
-def _latest_state(state_dir: str) -> str | None:
+def _saved_states(state_dir: str) -> list[str]:
+  """The complete state checkpoints in ``state_dir``, newest first."""
   if not os.path.isdir(state_dir):
-    return None
+    return []
   # orbax finalises a checkpoint by renaming its temporary directory: only complete ones carry the name.
   steps = [n for n in os.listdir(state_dir) if n.startswith(STATE_PREFIX) and n[len(STATE_PREFIX) :].isdigit()]
-  return os.path.join(state_dir, max(steps, key=lambda n: int(n[len(STATE_PREFIX) :]))) if steps else None
+  steps.sort(key=lambda n: int(n[len(STATE_PREFIX) :]), reverse=True)
+  return [os.path.join(state_dir, n) for n in steps]
+
+
+def _latest_state(state_dir: str) -> str | None:
+  states = _saved_states(state_dir)
+  return states[0] if states else None
+
+
+def _read_fingerprint(state_dir: str) -> dict:
+  """The settings ``run.json`` of a state directory records; ValueError naming the directory and the fault."""
+  meta = os.path.join(state_dir, STATE_META)
+  try:
+    with open(meta, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise ValueError(
+      f"resume={state_dir!r}: {STATE_META} cannot be read (truncated or damaged?): {video_io.one_line(err)}"
+    ) from None
+  if not (isinstance(saved, dict) and isinstance(saved.get("fingerprint"), dict)):
+    raise ValueError(f"resume={state_dir!r}: {STATE_META} holds no 'fingerprint' object (not written by vinf_jax?)")
+  return saved["fingerprint"]
+
+
+def _state_arrays(state: sampling.SamplerState) -> dict:
+  return {"x": state.x, "x0": state.x0, "i": state.i}
+
+
+def _checksums(arrays: dict) -> dict:
+  """sha256 of each array's bytes (gathered whole on every process), with its shape and dtype."""
+  import hashlib
+
+  out = {}
+  for k, a in arrays.items():
+    h = np.ascontiguousarray(parallel.gather_to_host(a))
+    out[k] = {"sha256": hashlib.sha256(h.tobytes()).hexdigest(), "shape": list(h.shape), "dtype": str(h.dtype)}
+  return out
 
 
 def _save_state(state_dir: str, state: sampling.SamplerState, cfg: GenerationConfig) -> str:
+  """Save ``state`` as ``state_dir/step_NNNNN`` with a checksum per array; keep it and the previous state.
+
+  Raises :class:`vinf_jax.video_io.WriteError` (the partial checkpoint removed) when the save fails.
+  """
   import orbax.checkpoint as ocp
 
   i = int(np.asarray(state.i))
   path = os.path.abspath(os.path.join(state_dir, f"{STATE_PREFIX}{i:05d}"))
+  arrays = _state_arrays(state)
+  sums = _checksums(arrays)
+  try:
+    if jax.process_index() == 0:
+      os.makedirs(state_dir, exist_ok=True)
+      meta = os.path.join(state_dir, STATE_META)
+      if not os.path.exists(meta):
+        video_io.write_json(meta, {"fingerprint": _fingerprint(cfg)})
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, arrays, force=True)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+      video_io.write_json(os.path.join(path, STATE_CHECKSUMS), {"step": i, "arrays": sums})
+  except Exception as err:
+    if jax.process_index() == 0:
+      for n in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
+        if n == os.path.basename(path) or n.startswith(os.path.basename(path) + "."):  # with orbax's tmp dirs
+          shutil.rmtree(os.path.join(state_dir, n), ignore_errors=True)
+    raise video_io.WriteError(
+      f"could not save the state of step {i} in state_dir={state_dir!r}: {video_io.one_line(err)}"
+    ) from err
   if jax.process_index() == 0:
-    os.makedirs(state_dir, exist_ok=True)
-    meta = os.path.join(state_dir, STATE_META)
-    if not os.path.exists(meta):
-      video_io.write_json(meta, {"fingerprint": _fingerprint(cfg)})
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, {"x": state.x, "x0": state.x0, "i": state.i}, force=True)
-  ckptr.wait_until_finished()
-  if jax.process_index() == 0:
+    # keep this state and the newest one before it (the fallback when this one is damaged); newer ones are
+    # what a resume from an older state (after a damaged newest one) has replaced
+    older = [p for p in _saved_states(state_dir) if int(os.path.basename(p)[len(STATE_PREFIX) :]) < i]
+    keep = {path} | set(older[:1])
     for n in os.listdir(state_dir):
-      old = os.path.join(state_dir, n)
-      if n.startswith(STATE_PREFIX) and old != path:
+      old = os.path.abspath(os.path.join(state_dir, n))
+      if n.startswith(STATE_PREFIX) and old not in keep:
         shutil.rmtree(old, ignore_errors=True)
   return path
 
 
-def _restore_state(state_dir: str, mesh: jax.sharding.Mesh, latent_shape) -> sampling.SamplerState:
+def _restore_state(
+  state_dir: str, mesh: jax.sharding.Mesh, latent_shape, log: Callable[[str], None] = _log0
+) -> sampling.SamplerState:
+  """The newest saved state of ``state_dir`` whose checksums hold, else the one before it with a warning;
+  ValueError naming the directory, each step and what is wrong when none can be used."""
+  problems = []
+  for path in _saved_states(state_dir):
+    step = int(os.path.basename(path)[len(STATE_PREFIX) :])
+    try:
+      state = _restore_checked(path, step, mesh, latent_shape)
+    except ValueError as err:
+      problems.append(f"step {step} ({os.path.basename(path)}): {err}")
+      continue
+    if problems:
+      log(f"warning: resume={state_dir!r}: {'; '.join(problems)}; resuming from step {step} instead")
+    return state
+  if not problems:
+    raise ValueError(f"resume={state_dir!r} holds no completed state checkpoint")
+  raise ValueError(f"resume={state_dir!r} holds no usable state: " + "; ".join(problems))
+
+
+def _restore_checked(path: str, step: int, mesh: jax.sharding.Mesh, latent_shape) -> sampling.SamplerState:
   import orbax.checkpoint as ocp
 
-  path = _latest_state(state_dir)
+  try:
+    with open(os.path.join(path, STATE_CHECKSUMS), encoding="utf-8") as f:
+      sums = json.load(f)["arrays"]
+  except FileNotFoundError:
+    raise ValueError(f"no {STATE_CHECKSUMS} (the save did not complete)") from None
+  except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+    raise ValueError(f"{STATE_CHECKSUMS} cannot be read (truncated or damaged?): {video_io.one_line(err)}") from None
   frames = jax.sharding.NamedSharding(mesh, parallel.frames_spec())
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   target = {
@@ -666,7 +766,17 @@ def _restore_state(state_dir: str, mesh: jax.sharding.Mesh, latent_shape) -> sam
     "x0": jax.ShapeDtypeStruct(latent_shape, jnp.float32, sharding=frames),
     "i": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
   }
-  d = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+  try:
+    d = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+  except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
+    reason = video_io.one_line(err).split(". See full TensorStore details")[0]  # not its whole spec
+    raise ValueError(f"the checkpoint cannot be read (truncated or damaged?): {reason}") from None
+  got = _checksums(d)
+  bad = [k for k in target if not isinstance(sums.get(k), dict) or sums[k].get("sha256") != got[k]["sha256"]]
+  if bad:
+    raise ValueError(f"the checksum of {', '.join(repr(k) for k in bad)} does not match: the files are damaged")
+  if int(np.asarray(d["i"])) != step:
+    raise ValueError(f"it holds step {int(np.asarray(d['i']))}")
   return sampling.SamplerState(x=d["x"], x0=d["x0"], i=d["i"])
 
 
@@ -719,6 +829,23 @@ def will_compile(cfg: GenerationConfig, models: Models) -> tuple[str, ...]:
   return (("step",) if step else ()) + (("decode",) if decode else ())
 
 
+def _one_run_per_output(fn):
+  """Hold a lock on the run's outputs (video, latents, state directory) while ``fn(cfg, ...)`` runs, so a
+  second run writing the same paths is refused at once (:class:`vinf_jax.video_io.BusyError`) instead of
+  overwriting the first one's files. Process 0 writes, so it holds the locks."""
+
+  @functools.wraps(fn)
+  def locked(cfg: GenerationConfig, *args, **kwargs):
+    if jax.process_index() != 0:
+      return fn(cfg, *args, **kwargs)
+    paths = {"output": cfg.output, "save_latents": cfg.save_latents, "state_dir": cfg.state_dir or cfg.resume}
+    with video_io.lock_paths(paths):
+      return fn(cfg, *args, **kwargs)
+
+  return locked
+
+
+@_one_run_per_output
 def generate(
   cfg: GenerationConfig,
   *,
@@ -747,6 +874,8 @@ def generate(
   timings: dict[str, float] = {}
   mesh = parallel.make_mesh(cfg.num_devices or None)
   d = mesh.shape[parallel.FRAMES]
+  # a damaged state is found before the models load; the older state is the fallback
+  resumed = _restore_state(cfg.resume, mesh, _latent_shape(cfg, plan.model), log) if cfg.resume else None
   log(
     f"{cfg.frames} frames at {cfg.height}x{cfg.width} over {d} device(s) "
     f"({jax.process_count()} process(es), {jax.devices()[0].device_kind}), dtype {plan.dtype}, "
@@ -797,9 +926,9 @@ def generate(
   seed = parallel.replicate(np.int32(cfg.seed), mesh)
   num_steps = den.num_steps
 
-  if cfg.resume:
-    state = _restore_state(cfg.resume, mesh, latent_shape)
-    log(f"resumed from {_latest_state(cfg.resume)} at step {int(np.asarray(state.i))}/{num_steps}")
+  if resumed is not None:
+    state = resumed
+    log(f"resumed from {cfg.resume} at step {int(np.asarray(state.i))}/{num_steps}")
   else:
     state = den.init(seed)
   start = int(np.asarray(state.i))
@@ -820,7 +949,7 @@ def generate(
     "negative_prompt": cfg.negative_prompt,
     "seed": cfg.seed,
     "settings": dataclasses.asdict(cfg)
-    | {"dtype": plan.dtype, "model": mcfg.name, "guidance": cfg.resolved_guidance()}
+    | {"dtype": plan.dtype, "model": mcfg.name, "num_devices": d, "guidance": cfg.resolved_guidance()}
     | {k: getattr(cfg.temporal_config(), k) for k in ("global_phase_from", "local_phase_below")},
     "model": json.loads(mcfg.to_json()),
     "devices": {
@@ -851,7 +980,7 @@ def generate(
     if not bool(_all_finite(state.x)):  # waits for the step; a NaN would only spread from here
       raise FloatingPointError(
         f"the latents hold NaN or inf after step {i + 1}/{num_steps} (timestep {ts}); nothing was written. "
-        f"With dtype={plan.dtype}, try dtype=float32 to see whether it is a precision problem."
+        + _nan_advice(cfg, plan)
       )
     done, el = i + 1 - start, time.perf_counter() - t0
     rate = el / done
@@ -862,7 +991,10 @@ def generate(
     if on_step is not None:
       on_step(StepInfo(i + 1, num_steps, ts, rate, el, rate * (end - i - 1)))
     if state_dir and cfg.save_state_every and (i + 1) % cfg.save_state_every == 0 and i + 1 < num_steps:
-      _save_state(state_dir, state, cfg)
+      try:
+        _save_state(state_dir, state, cfg)
+      except video_io.WriteError as err:  # the run goes on; the previous state stays
+        log(f"warning: {err}; sampling goes on")
   timings["denoise"] = time.perf_counter() - t0
 
   if end < num_steps:
@@ -882,17 +1014,59 @@ def generate(
   timings["decode"] = time.perf_counter() - t
   log(f"decoded {cfg.frames} frames in {timings['decode']:.1f} s (compile {timings['decode_compile']:.1f} s)")
 
+  out = _write_outputs(cfg, frames, latents, sidecar, timings, t_start, state)
+  log(
+    f"wrote {out or '(no output file)'}: {cfg.frames} frames; denoise {timings['denoise']:.1f} s "
+    f"({timings['denoise'] / max(1, end - start):.2f} s/step), compile {timings['compile']:.1f} s, "
+    f"total {timings['total']:.1f} s"
+  )
+  return GenerationResult(frames, latents, out, sidecar, end, num_steps)
+
+
+def _latent_shape(cfg: GenerationConfig, model: ModelConfig) -> tuple[int, int, int, int, int]:
+  f = model.vae.downsample_factor
+  return (1, cfg.frames, cfg.height // f, cfg.width // f, model.unet.in_channels)
+
+
+def _nan_advice(cfg: GenerationConfig, plan: _Plan) -> str:
+  """What to try after NaN latents, for these settings."""
+  if plan.dtype == "float16":
+    return "float16 overflows easily: try dtype=bfloat16 (same memory, float32's range) or dtype=float32."
+  if plan.dtype == "bfloat16":
+    return "Try dtype=float32 to see whether it is a precision problem."
+  hint = f"guidance={cfg.guidance:g} is high; try a lower guidance. " if cfg.guidance > 30 else ""
+  source = f"the weights in {cfg.weights!r} (converted from a damaged checkpoint?)" if cfg.weights else "the settings"
+  return f"The run is already float32, so it is not a precision problem: {hint}check {source}."
+
+
+def _from_process0(value: int) -> int:
+  """Process 0's ``value`` (an int32) on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _write_outputs(
+  cfg: GenerationConfig,
+  frames: np.ndarray,
+  latents: np.ndarray,
+  sidecar: dict,
+  timings: dict,
+  t_start: float,
+  state: sampling.SamplerState,
+) -> str | None:
+  """Process 0 writes the latents, the video and its sidecar, renamed into place together (or none).
+
+  When a write fails, files already at those paths keep what they held, the partial files are removed and
+  the final state is saved (:func:`_rescue`) so that nothing sampled is lost; then WriteError is raised
+  (on every process) saying where the state went and how to write the video from it.
+  """
   t = time.perf_counter()
-  out = None
-  if jax.process_index() == 0:
-    if cfg.save_latents:
-      video_io.write_npy(cfg.save_latents, latents)
-    if cfg.output:
-      out = video_io.write_video(cfg.output, frames, cfg.export_fps)
-  timings["write"] = time.perf_counter() - t
-  timings["total"] = time.perf_counter() - t_start
+  out, failed = None, None
   sidecar["output"] = {
-    "path": out,
+    "path": os.path.abspath(cfg.output.rstrip("/")) if cfg.output else None,
     "frames": int(frames.shape[0]),
     "height": int(frames.shape[1]),
     "width": int(frames.shape[2]),
@@ -900,14 +1074,62 @@ def generate(
     "latents": os.path.abspath(cfg.save_latents) if cfg.save_latents else None,
     "latents_layout": "float32 [1, frames, height/8, width/8, 4], scale_factor * z (as the UNet sees them)",
   }
-  if jax.process_index() == 0 and cfg.output:
-    video_io.write_json(video_io.sidecar_path(cfg.output), sidecar)
-  log(
-    f"wrote {out or '(no output file)'}: {cfg.frames} frames; denoise {timings['denoise']:.1f} s "
-    f"({timings['denoise'] / max(1, end - start):.2f} s/step), compile {timings['compile']:.1f} s, "
-    f"total {timings['total']:.1f} s"
-  )
-  return GenerationResult(frames, latents, out, sidecar, end, num_steps)
+  if jax.process_index() == 0:
+    try:
+      with video_io.AtomicFiles() as files:
+        if cfg.save_latents:
+          video_io.write_npy(cfg.save_latents, latents, files=files)
+        if cfg.output:
+          out = video_io.write_video(cfg.output, frames, cfg.export_fps, files=files)
+        timings["write"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        if cfg.output:
+          video_io.write_json(video_io.sidecar_path(cfg.output), sidecar, files=files)
+    except video_io.WriteError as err:
+      failed = err
+  if not _from_process0(failed is not None):
+    timings.setdefault("write", time.perf_counter() - t)
+    timings.setdefault("total", time.perf_counter() - t_start)
+    return out
+  what = failed or "process 0 could not write the outputs"
+  raise video_io.WriteError(f"{what}; the files already there are unchanged; {_rescue(cfg, state, latents)}")
+
+
+def _rescue(cfg: GenerationConfig, state: sampling.SamplerState, latents: np.ndarray) -> str:
+  """Save what a run computed when its outputs could not be written; returns where, as advice.
+
+  The final sampler state goes to ``state_dir`` (or ``resume``) when given, else to a new directory under
+  the system's temporary directory, as a state that ``resume`` turns into the video without sampling again.
+  Several processes without a ``state_dir`` (each host its own temporary directory) get the latents as a
+  ``.npy`` on process 0 instead.
+  """
+  import tempfile
+
+  stem = os.path.splitext(os.path.basename((cfg.output or cfg.save_latents or "video").rstrip("/")))[0]
+  token = _from_process0(int.from_bytes(os.urandom(3), "little"))  # < 2**24: an int32 when broadcast
+  temp = os.path.join(tempfile.gettempdir(), f"vinf_jax-rescue-{stem}-{token:06x}")
+  state_dir = cfg.state_dir or cfg.resume
+  if state_dir or jax.process_count() == 1:
+    failures = []
+    for where in [state_dir] * bool(state_dir) + [temp] * (jax.process_count() == 1):
+      try:
+        _save_state(where, state, cfg)
+      except video_io.WriteError as err:
+        failures.append(str(err))
+        continue
+      return (
+        f"the sampled latents are saved as a state in {where}: run the same command with --resume={where} and "
+        "an --output where there is room (it only decodes and writes)"
+      )
+    return f"saving the sampled state failed too ({'; '.join(failures)})"
+  if jax.process_index() != 0:
+    return "process 0 saved the latents"
+  path = temp + ".npy"
+  try:
+    video_io.write_npy(path, latents)
+  except video_io.WriteError as err:
+    return f"saving the latents failed too ({err})"
+  return f"the final latents (float32 [1, frames, h/8, w/8, 4], scale_factor * z) are saved in {path} on process 0"
 
 
 def _versions() -> dict[str, str]:

@@ -4,8 +4,12 @@ Flags -> a frozen :class:`vinf_jax.pipeline.GenerationConfig` -> :func:`vinf_jax
 Flags on the command line override the flagfile's; a ``--prompt`` or ``--prompts_file`` on the command
 line replaces the flagfile's prompts instead of adding to them.
 
-Exit status: 0 done; 2 bad settings (nothing was loaded, compiled or written); 1 the run failed (NaN
-latents, out of memory, ...), with nothing written where the video goes.
+Exit status: 0 done; 2 bad settings (nothing was loaded, compiled or written), or another run is writing
+the same outputs; 1 the run failed (NaN latents, a failed write, out of memory, ...), with nothing written
+where the video goes (after a failed write the message says where the sampled state was saved).
+
+A relative ``--flagfile`` that is not found from the current directory is looked up beside the package
+too (a source checkout: ``configs/NAME.flags`` works from any directory).
 
 Several hosts: start the same command on every host with ``--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I`` (or ``--distributed`` on Slurm / Open MPI / TPU, or with
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 
 from absl import flags, logging
@@ -137,6 +142,13 @@ flags.DEFINE_string(
   "video_ends", _D.video_ends, "zeros (official: zero K/V past the video's ends) or mask.", flag_values=F
 )
 flags.DEFINE_string(
+  "global_frames",
+  _D.global_frames,
+  "Dual scope: video (G frames at video indices k*N/G, device-count invariant) or official (each device's "
+  "evenly spaced frames, in device order, cut to G, as the official code).",
+  flag_values=F,
+)
+flags.DEFINE_string(
   "group_norm", _D.group_norm, "global (exact statistics, device-count invariant) or local (official).", flag_values=F
 )
 flags.DEFINE_integer(
@@ -214,10 +226,34 @@ def _is_prompt_flag(arg: str) -> bool:
   return any(arg == p or arg.startswith(p + "=") for p in _PROMPT_FLAGS)
 
 
+def help_text() -> str:
+  """The module docstring without its reST markup, then every flag (with --flagfile)."""
+  doc = re.sub(r":\w+:`([^`]*)`", r"\1", __doc__).replace("``", "")
+  flagfile = "  --flagfile: A file of flags, one --name=value a line ('#' comments); flags after it override it."
+  return f"{doc.strip()}\n\nflags:\n{flagfile}\n{F.get_help(include_special_flags=False)}"
+
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_flagfile(path: str) -> str:
+  """``path``, or for a relative path not found from here, the same path under the package's checkout
+  (``configs/demo_tiny.flags`` from any directory); raises ValueError naming where it looked."""
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    return path
+  alt = os.path.join(PACKAGE_ROOT, path)
+  if not os.path.isabs(path) and os.path.isfile(alt):
+    return alt
+  where = f"{os.path.abspath(path)}" + ("" if os.path.isabs(path) else f" or {alt}")
+  what = "is a directory" if os.path.isdir(path) else "no such file"
+  raise ValueError(f"--flagfile={path}: {what} ({where})")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, except that prompts given on the command line replace the flagfiles' prompts."""
   if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
-    print(__doc__ + "\nflags:\n" + F.get_help(include_special_flags=False))
+    print(help_text())
     sys.exit(0)
   if F.is_parsed():  # a second parse in one process (tests) starts from the defaults
     F.unparse_flags()
@@ -228,7 +264,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     if a in ("--flagfile", "-flagfile") and i + 1 < len(argv):
       a, i = f"--flagfile={argv[i + 1]}", i + 1
     if a.startswith(("--flagfile=", "-flagfile=")):
-      from_file = F.read_flags_from_files([a], force_gnu=False)
+      try:
+        found = find_flagfile(a.split("=", 1)[1])
+        from_file = F.read_flags_from_files([f"--flagfile={found}"], force_gnu=False)
+      except (ValueError, flags.Error, OSError, UnicodeDecodeError) as err:
+        print(f"error: {str(err).strip().splitlines()[-1].removeprefix('ERROR:: ')}", file=sys.stderr)
+        sys.exit(2)
       expanded += [x for x in from_file if not (own and _is_prompt_flag(x))]
     else:
       expanded.append(a)
@@ -241,8 +282,41 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def read_prompts(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+  """The prompts of a text file, one a line ('#' comments and blank lines skipped); ValueError naming the
+  flag and the file when it cannot be read, is not UTF-8 text or holds no prompt."""
+  what = f"prompts_file={path!r}"
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except OSError as err:
+    raise ValueError(f"{what}: {err.strerror or err}") from None
+  except UnicodeDecodeError as err:
+    raise ValueError(f"{what} is not a UTF-8 text file (byte {err.start}: {err.reason})") from None
+  if "\x00" in text:
+    raise ValueError(f"{what} is a binary file, not a text file of prompts")
+  prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+  if not prompts:
+    raise ValueError(f"{what} holds no prompt (only blank lines or '#' comments); expected one prompt per line")
+  return prompts
+
+
+def check_cli_flags() -> list[str]:
+  """Settings only the command line can get wrong (the library takes these as arguments)."""
+  e = []
+  if not F.output and not F.save_latents and not F.compile_only and not F.stop_after:
+    e.append(
+      "output='' is empty: expected a .mp4 or .gif path or a directory for PNG frames (or --save_latents "
+      "to keep only the latents)"
+    )
+  if F.coordinator_address:
+    host, _, port = F.coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+      e.append(f"coordinator_address={F.coordinator_address!r}, expected host:port (port 1..65535), e.g. host0:1234")
+    if F.num_processes < 1:
+      e.append(f"num_processes={F.num_processes}, expected >= 1")
+    elif not 0 <= F.process_id < F.num_processes:
+      e.append(f"process_id={F.process_id}, expected 0..{F.num_processes - 1} (num_processes={F.num_processes})")
+  return e
 
 
 def config_from_flags() -> GenerationConfig:
@@ -250,8 +324,8 @@ def config_from_flags() -> GenerationConfig:
   if F.prompts_file:
     try:
       prompts += read_prompts(os.path.expanduser(F.prompts_file))
-    except OSError as err:
-      raise ValueError(f"invalid settings:\n  - prompts_file={F.prompts_file!r}: {err.strerror}") from None
+    except ValueError as err:
+      raise ValueError(f"invalid settings:\n  - {err}") from None
   fields = {f.name for f in dataclasses.fields(GenerationConfig)} - {"prompts"}
   values = {name: F[name].value for name in fields}
   for name in _PATH_FLAGS:
@@ -279,10 +353,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)", file=sys.stderr)
     sys.exit(2)
-  from vinf_jax import pipeline
+  from vinf_jax import pipeline, video_io
 
-  if F.coordinator_address and not 0 <= F.process_id < F.num_processes:
-    print(f"error: process_id={F.process_id}, expected 0..{F.num_processes - 1} (num_processes)", file=sys.stderr)
+  bad = check_cli_flags()
+  if bad:
+    print("error: invalid settings:\n  - " + "\n  - ".join(bad), file=sys.stderr)
     sys.exit(2)
   _init_distributed()  # before anything touches a device (validation counts them)
   try:
@@ -296,7 +371,7 @@ def main(argv: list[str]) -> None:
   except (ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
-  except FloatingPointError as err:
+  except (FloatingPointError, video_io.WriteError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(1)
 

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from vinf_jax.layers import kernels
-from vinf_jax.parallel import FrameContext, global_positions
+from vinf_jax.parallel import FrameContext
 
 AttnFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -181,7 +181,7 @@ def dual_scope_attention_zero_key(q, k, v, t, frames: FrameContext, *, implement
   n, p = t1 - 1, cfg.window
   i, j = np.arange(n)[:, None], np.arange(n)[None]
   in_window = np.abs(i - j) <= p  # [T, T]
-  is_global = np.isin(np.arange(n), global_positions(n, cfg.num_global))[None]  # [1, T]
+  is_global = np.isin(np.arange(n), frames.global_positions(n))[None]  # [1, T]
   zeros_seen = np.maximum(0, p - np.arange(n)) + np.maximum(0, np.arange(n) + p - (n - 1))  # [T]
   if cfg.video_ends == "mask":
     zeros_seen = np.zeros_like(zeros_seen)
@@ -249,7 +249,8 @@ def dual_scope_bias(t: jax.Array, frames: FrameContext, local_frames: int, block
   local_bias = jnp.where(tb < cfg.local_phase_below, cfg.local_bias, 0.0)
   global_bias = jnp.where(tb >= cfg.global_phase_from, cfg.global_bias, 0.0)
   local = jnp.where(visible[None], local_bias, MASKED)  # [B, nb, Q, Q+2P]
-  glob = jnp.broadcast_to(global_bias, (*local.shape[:3], cfg.num_global))
+  g = len(frames.global_positions(frames.total_frames(local_frames)))
+  glob = jnp.broadcast_to(global_bias, (*local.shape[:3], g))
   return jnp.concatenate([local, glob], axis=-1).astype(dtype)
 
 
@@ -258,15 +259,16 @@ def dual_scope_attention(q, k, v, t, frames: FrameContext, *, implementation: st
 
   Query frame i (video index) sees the local keys i-P..i+P (K/V halos from the neighbouring devices;
   beyond the video's ends zeros that stay unmasked, or masked with ``video_ends='mask'``) and the G
-  global keys at video indices k*N/G, in one softmax with the timestep-phase logit biases. Queries go in
+  global keys (``global_frames``: k*N/G or the official's), in one softmax with the phase biases. Queries go in
   blocks of Q frames, each block against its own Q+2P local keys and the G global ones, the rest masked
   by the bias: one attention call (``implementation``: 'xla' or 'cudnn') whose memory grows linearly
   with the frames a device holds.
   """
   cfg = frames.temporal
   b, t_loc, m, h, d = q.shape
-  p, g = cfg.window, cfg.num_global
   n = frames.total_frames(t_loc)
+  positions = frames.global_positions(n)
+  p, g = cfg.window, len(positions)
   qb_len = query_block(t_loc, p, cfg.query_block)
   nb = t_loc // qb_len
 
@@ -278,7 +280,7 @@ def dual_scope_attention(q, k, v, t, frames: FrameContext, *, implementation: st
     else:
       win = np.arange(nb)[:, None] * qb_len + np.arange(qb_len + 2 * p)[None]  # [nb, Q+2P] into xe
       xw = jnp.take(xe, win, axis=1)  # [B, nb, Q+2P, M, H, D]
-    xg = frames.gather_frames(x, global_positions(n, g), axis=1)  # [B, G, M, H, D]
+    xg = frames.gather_frames(x, positions, axis=1)  # [B, G, M, H, D]
     xg = jnp.broadcast_to(xg[:, None], (b, nb, *xg.shape[1:]))
     return _heads_folded(jnp.concatenate([xw, xg], axis=2)).reshape(b * nb, qb_len + 2 * p + g, m * h, d)
 
