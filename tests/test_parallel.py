@@ -147,7 +147,9 @@ def test_device_count_invariance(tiny_unet, sampler):
   temporal = TemporalConfig(attention="dual", window=4, num_global=8, group_norm="global")
   ref = run_video(tiny_unet, sampler, 1, temporal)
   assert np.isfinite(ref).all() and ref.std() > 0.1
-  for d in (2, 4, 8):
+  # DDIM on 2 devices (one neighbour each) and 8 (4 frames each: the window's halo is a whole clip); the
+  # SDE sampler's noise per global frame has its own split test (test_sampling), so its step on 8 only
+  for d in (2, 8) if sampler == "ddim" else (8,):
     err = rel_err(run_video(tiny_unet, sampler, d, temporal), ref)
     print(f"{sampler}: {d} devices vs 1: rel err {err:.2e}")
     assert err <= RTOL, (d, err)

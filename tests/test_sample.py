@@ -192,7 +192,11 @@ BAD = [
   (dict(output="/dev/null/video.mp4"), r"'/dev/null' is not a directory"),
   (dict(save_latents="latents.npz"), r"save_latents='latents.npz', expected a path ending in .npy"),
   (dict(stop_after=2), r"need state_dir"),
-  (dict(model="huge"), r"model='huge', expected one of tiny, videocrafter2"),
+  (
+    dict(model="huge"),
+    r"model='huge', expected one of tiny, tiny_turbo, tiny_turbo_v2, videocrafter2, videocrafter2_turbo, "
+    r"videocrafter2_turbo_v2",
+  ),
   (dict(model="", weights=""), r"no converted weights directory given"),
   (dict(resume="/nonexistent"), r"resume='/nonexistent' is not a state directory"),
 ]
@@ -306,6 +310,7 @@ def test_compile_only_fills_the_cache_and_writes_nothing(models, tmp_path):
   import jax
 
   cache, out = tmp_path / "cache", tmp_path / "v.mp4"
+  session_cache = jax.config.jax_compilation_cache_dir  # the suite's shared cache (conftest)
   models.compiled.clear()  # compile here, not reuse the module's programs
   try:
     r = pipeline.generate(
@@ -321,9 +326,9 @@ def test_compile_only_fills_the_cache_and_writes_nothing(models, tmp_path):
     done = pipeline.generate(cfg(compilation_cache_dir=str(cache), output=str(out)), models=models, log=quiet)
     assert sorted(p.name for p in cache.iterdir()) == entries  # loaded, not compiled again
     assert done.steps_done == 3 and video_io.read_video(str(out)).shape == (16, 64, 64, 3)
-  finally:  # the rest of the module compiles without a persistent cache, as before
-    from jax._src import compilation_cache
+  finally:  # the rest of the suite compiles with its shared cache again
+    from jax.experimental.compilation_cache import compilation_cache
 
-    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_dir", session_cache)
     compilation_cache.reset_cache()
     models.compiled.clear()

@@ -829,6 +829,22 @@ def will_compile(cfg: GenerationConfig, models: Models) -> tuple[str, ...]:
   return (("step",) if step else ()) + (("decode",) if decode else ())
 
 
+def use_compilation_cache(path: str) -> None:
+  """Compile into (and load from) JAX's persistent cache at `path` from now on.
+
+  JAX opens its cache once per process, at the first compile; a later change of the folder alone would be
+  ignored (a notebook or the web app that compiled before, or another folder set earlier), so the cache is
+  reopened when the folder changes.
+  """
+  from jax.experimental.compilation_cache import compilation_cache
+
+  path = os.path.abspath(path)
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _one_run_per_output(fn):
   """Hold a lock on the run's outputs (video, latents, state directory) while ``fn(cfg, ...)`` runs, so a
   second run writing the same paths is refused at once (:class:`vinf_jax.video_io.BusyError`) instead of
@@ -869,8 +885,7 @@ def generate(
   t_start = time.perf_counter()
   plan = validate(cfg)
   if cfg.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    use_compilation_cache(cfg.compilation_cache_dir)
   timings: dict[str, float] = {}
   mesh = parallel.make_mesh(cfg.num_devices or None)
   d = mesh.shape[parallel.FRAMES]
