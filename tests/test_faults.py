@@ -22,23 +22,11 @@ import time
 import numpy as np
 import pytest
 
+from tests.test_sample import BASE  # 16 frames at 64x64 on 4 devices, 3 steps
 from vinf_jax import parallel, pipeline, sample, video_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-BASE = pipeline.GenerationConfig(
-  prompts=("a red panda eating bamboo",),
-  model="tiny",
-  frames=16,
-  height=64,
-  width=64,
-  steps=3,
-  guidance=7.5,
-  window=2,
-  num_global=4,
-  num_devices=4,
-  decode_chunk=3,
-)
 # the same settings as flags (a run of the command line resumes in process, and the other way round)
 BASE_FLAGS = [
   "--model=tiny",
