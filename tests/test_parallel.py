@@ -203,6 +203,22 @@ def test_official_temporal_conv_semantics_on_two_devices():
   assert rel_err(g(x), want) > 1e-3
 
 
+def _sharded_dual_scope(mesh, frames, t, q, k, v):
+  """dual_scope_attention at timestep t over the frames mesh, on [B, M, T, H, D] arrays (the official
+  restatements' layout) split along T."""
+  spec = P(None, parallel.FRAMES)  # [B, T, M, H, D]
+  f = jax.jit(
+    jax.shard_map(
+      lambda q, k, v: dual_scope_attention(q, k, v, jnp.array([t]), frames),
+      mesh=mesh,
+      in_specs=(spec, spec, spec),
+      out_specs=spec,
+      check_vma=False,
+    )
+  )
+  return f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v))).transpose(0, 2, 1, 3, 4)
+
+
 def _official_attention_rank(q, k, v, r, world, f, p, top_k, t, phase_t=800.0, bias=10.0):
   """AttentionPlugin on rank r (method notes, section 2 pseudo-code)."""
   share = top_k // world
@@ -243,17 +259,7 @@ def test_official_attention_semantics_on_two_devices(t):
   cfg = TemporalConfig(attention="dual", window=8, num_global=16, group_norm="local", video_ends="zeros")
   mesh = parallel.make_mesh(2)
   frames = parallel.frame_context(mesh, cfg)
-  spec = P(None, parallel.FRAMES)  # [B, T, M, H, D]
-  f = jax.jit(
-    jax.shard_map(
-      lambda q, k, v: dual_scope_attention(q, k, v, jnp.array([t]), frames),
-      mesh=mesh,
-      in_specs=(spec, spec, spec),
-      out_specs=spec,
-      check_vma=False,
-    )
-  )
-  got = f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v))).transpose(0, 2, 1, 3, 4)
+  got = _sharded_dual_scope(mesh, frames, t, q, k, v)
   assert rel_err(got, want) <= RTOL
 
 
@@ -307,17 +313,7 @@ def test_official_attention_semantics_on_three_devices(f, p, top_k, t):
   mesh = parallel.make_mesh(3)
   frames = parallel.frame_context(mesh, cfg)
   assert list(frames.global_positions(n)) == _official_global_indices(f, 3, top_k)
-  spec = P(None, parallel.FRAMES)  # [B, T, M, H, D]
-  fn = jax.jit(
-    jax.shard_map(
-      lambda q, k, v: dual_scope_attention(q, k, v, jnp.array([t]), frames),
-      mesh=mesh,
-      in_specs=(spec, spec, spec),
-      out_specs=spec,
-      check_vma=False,
-    )
-  )
-  got = fn(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v))).transpose(0, 2, 1, 3, 4)
+  got = _sharded_dual_scope(mesh, frames, t, q, k, v)
   assert rel_err(got, want) <= RTOL
   if top_k == 16:  # and the video rule (k*N/G) differs from it here
     video = parallel.frame_context(mesh, dataclasses.replace(cfg, global_frames="video", num_global=8))
