@@ -76,13 +76,36 @@ def via_http(client, values: dict, cancel: bool) -> dict:
   if cancelled is not None:
     return {"wall_s": time.perf_counter() - t, "status": cancelled, "timings_s": None, "progress": seen}
   status, video, files, settings, log = job.result()
+  wall = time.perf_counter() - t
   return {
-    "wall_s": time.perf_counter() - t,
+    "wall_s": wall,
     "status": status,
     "timings_s": (settings or {}).get("timings_s") if isinstance(settings, dict) else None,
     "video": video,
+    "video_frames": _frames_in(video),
     "progress": seen,
   }
+
+
+def _frames_in(video) -> int | None:
+  """Frames in the mp4 that the client downloaded from the page (decoded with imageio's ffmpeg)."""
+  path = video.get("video") if isinstance(video, dict) else video
+  if not path:
+    return None
+  import imageio.v2 as iio
+
+  with iio.get_reader(path, format="ffmpeg") as reader:
+    return sum(1 for _ in reader)
+
+
+def _page_html(url: str) -> int:
+  """GET the page itself, as a browser does first: its size in bytes (raises unless HTTP 200)."""
+  import urllib.request
+
+  with urllib.request.urlopen(url, timeout=30) as r:
+    if r.status != 200:
+      raise RuntimeError(f"GET {url}: HTTP {r.status}")
+    return len(r.read())
 
 
 def main() -> None:
@@ -104,8 +127,10 @@ def main() -> None:
     page = app.build_page(handler)
     port = _free_port()
     page.launch(**{**app.launch_kwargs(handler), "server_port": port, "share": False}, prevent_thread_lock=True)
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    print(f"page up in {time.perf_counter() - t:.1f} s on port {port}")
+    url = f"http://127.0.0.1:{port}/"
+    html_bytes = _page_html(url)
+    client = Client(url, verbose=False)
+    print(f"page up in {time.perf_counter() - t:.1f} s on port {port} (GET / : {html_bytes} bytes of HTML)")
   results = []
   try:
     for i in range(F.requests):
@@ -115,6 +140,8 @@ def main() -> None:
       r = via_http(client, values, cancel) if client else via_handler(handler, values, cancel)
       results.append(r)
       print(f"request {i + 1}/{F.requests} ({F.via}): {r['wall_s']:.1f} s: {r['status']}")
+      if r.get("video_frames") is not None:
+        print(f"  the page's mp4, downloaded and decoded: {r['video_frames']} frames")
       if r["timings_s"]:
         print("  timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["timings_s"].items()))
       shown = r["progress"] if len(r["progress"]) <= 5 else r["progress"][:3] + ["..."] + r["progress"][-2:]
