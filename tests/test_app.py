@@ -121,7 +121,7 @@ def test_request_messages_round_trip():
 
 
 def test_bad_settings_give_the_command_lines_messages(handler, models):
-  before = dict(models.compiled)
+  before = models.programs.kept()
   page = {"prompts": "a\n\n", "frames": 7, "height": 100, "guidance": -1.0, "num_global": 3}
   reply = handler.run(page)
   # the same settings through the command line's flags
@@ -148,12 +148,12 @@ def test_bad_settings_give_the_command_lines_messages(handler, models):
   assert reply.status == f"error: {err.value}", reply.status
   for name in ("frames=7", "height=100", "guidance=-1.0"):
     assert name in reply.status, (name, reply.status)
-  assert outputs(handler) == [] and models.compiled.keys() == before.keys()
+  assert outputs(handler) == [] and models.programs.kept() == before
   assert handler.run({"frames": None}).status == "error: invalid settings:\n  - frames: empty, expected a number"
 
 
 def test_request_makes_the_video_then_reuses_the_programs(handler, models):
-  models.compiled.clear()  # a fresh start whatever ran before
+  models.programs.clear()  # a fresh start whatever ran before
   seen = []
   reply = handler.run(PAGE, progress=lambda done, total, desc: seen.append((done, total, desc)))
   assert reply.ok, reply.status
@@ -185,10 +185,10 @@ def test_request_makes_the_video_then_reuses_the_programs(handler, models):
   assert pipeline.will_compile(dataclasses.replace(again, steps=3), models) == ("step",)
   assert pipeline.will_compile(dataclasses.replace(again, decode_chunk=2), models) == ("decode",)
   seen.clear()
-  text_programs = pipeline._apply_text_encoder._cache_size()
+  text_programs = pipeline.prompts._apply_text_encoder._cache_size()
   second = handler.run({"prompts": "a fox", "seed": 6}, progress=lambda *a: seen.append(a))
   assert second.ok and second.status.endswith("; reused the compiled programs"), second.status
-  assert pipeline._apply_text_encoder._cache_size() == text_programs  # nor the text encoder's
+  assert pipeline.prompts._apply_text_encoder._cache_size() == text_programs  # nor the text encoder's
   assert seen[0][2].startswith("encoding the prompts (8 frames at 64x64 over 2 device(s); the compiled step")
   assert second.settings["timings_s"]["compile"] < 0.1  # the step program was not compiled again
   assert second.video != reply.video and np.abs(video_io.read_video(second.video).astype(int) - video).max() > 0

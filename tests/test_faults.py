@@ -164,7 +164,7 @@ def test_a_failed_write_keeps_the_old_files_and_the_sampled_state(models, full, 
 
 def test_the_command_exits_1_with_one_line_after_a_failed_write(models, tmp_path, tmp_tempdir, monkeypatch, capsys):
   """sample.main: exit status 1, one 'error:' line naming the file and where the state went, no traceback."""
-  monkeypatch.setattr(pipeline, "load_models", lambda *a, **k: models)
+  monkeypatch.setattr(pipeline.models, "load_models", lambda *a, **k: models)
   monkeypatch.setattr(video_io, "render_video", _RenderTruncated(video_io.render_video))
   (tmp_path / "v.mp4").write_bytes(b"old")
   sample.parse_flags(["sample", *BASE_FLAGS, f"--output={tmp_path / 'v.mp4'}"])
@@ -340,7 +340,7 @@ def states(models, tmp_path_factory):
     shutil.copytree(d, only)
     if step == 1:
       shutil.rmtree(only / "step_00002")
-    st = pipeline._restore_state(str(only), mesh, (1, 16, 8, 8, 4), log=quiet)
+    st = pipeline.state.restore_state(str(only), mesh, (1, 16, 8, 8, 4), log=quiet)
     saved[step] = np.asarray(st.x), np.asarray(st.x0)
   return d, saved
 
@@ -351,7 +351,7 @@ def _copy(src, dst):
 
 
 def _restore(d, logs):
-  st = pipeline._restore_state(str(d), parallel.make_mesh(4), (1, 16, 8, 8, 4), log=logs.append)
+  st = pipeline.state.restore_state(str(d), parallel.make_mesh(4), (1, 16, 8, 8, 4), log=logs.append)
   return int(np.asarray(st.i)), np.asarray(st.x), np.asarray(st.x0)
 
 
@@ -439,8 +439,8 @@ def test_a_save_keeps_itself_and_the_state_before_it(states, tmp_path):
   d, saved = states
   copy = _copy(d, tmp_path / "state")
   shutil.copytree(copy / "step_00002", copy / "step_00003")  # a newer state, as a damaged one left behind
-  st = pipeline._restore_state(str(d), parallel.make_mesh(4), (1, 16, 8, 8, 4), log=quiet)  # step 2
-  pipeline._save_state(str(copy), st, cfg())
+  st = pipeline.state.restore_state(str(d), parallel.make_mesh(4), (1, 16, 8, 8, 4), log=quiet)  # step 2
+  pipeline.state.save_state(str(copy), st, cfg())
   assert sorted(os.listdir(copy)) == ["run.json", "step_00001", "step_00002"]
   logs = []
   assert _restore(copy, logs)[0] == 2 and not logs
@@ -578,12 +578,12 @@ def test_readme_command_outside_the_repo_root(tmp_path):
 
 
 def test_nan_advice_fits_the_settings():
-  plan = lambda dt: pipeline._Plan(model=None, num_devices=1, dtype=dt, tokenizer_dir=None)  # noqa: E731
-  f32 = pipeline._nan_advice(cfg(), plan("float32"))
+  plan = lambda dt: pipeline.Resolved(model=None, num_devices=1, dtype=dt, tokenizer_dir=None)  # noqa: E731
+  f32 = pipeline.run.nan_advice(cfg(), plan("float32"))
   assert "already float32" in f32 and "try dtype=float32" not in f32.lower()
-  assert "bfloat16" in pipeline._nan_advice(cfg(), plan("float16"))
-  assert "try dtype=float32" in pipeline._nan_advice(cfg(), plan("bfloat16")).lower()
-  assert "lower guidance" in pipeline._nan_advice(cfg(guidance=80.0), plan("float32"))
+  assert "bfloat16" in pipeline.run.nan_advice(cfg(), plan("float16"))
+  assert "try dtype=float32" in pipeline.run.nan_advice(cfg(), plan("bfloat16")).lower()
+  assert "lower guidance" in pipeline.run.nan_advice(cfg(guidance=80.0), plan("float32"))
 
 
 # ---------------------------------------------------------------------------------------------

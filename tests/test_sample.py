@@ -156,11 +156,11 @@ def test_nan_latents_stop_the_run(models, tmp_path):
   state_dir, poisoned = tmp_path / "state", tmp_path / "poisoned"
   pipeline.generate(cfg(state_dir=str(state_dir), stop_after=1), models=models, log=quiet)
   mesh = parallel.make_mesh(4)
-  st = pipeline._restore_state(str(state_dir), mesh, (1, 16, 8, 8, 4))
+  st = pipeline.state.restore_state(str(state_dir), mesh, (1, 16, 8, 8, 4))
   x = np.asarray(st.x).copy()
   x[0, 5, 3, 3, 0] = np.nan
   bad = dataclasses.replace(st, x=jax.device_put(x, st.x.sharding))
-  pipeline._save_state(str(poisoned), bad, cfg())
+  pipeline.state.save_state(str(poisoned), bad, cfg())
   out = tmp_path / "out"
   out.mkdir()
   kw = dict(resume=str(poisoned), output=str(out / "nan.mp4"), save_latents=str(out / "l.npy"))
@@ -311,7 +311,7 @@ def test_compile_only_fills_the_cache_and_writes_nothing(models, tmp_path):
 
   cache, out = tmp_path / "cache", tmp_path / "v.mp4"
   session_cache = jax.config.jax_compilation_cache_dir  # the suite's shared cache (conftest)
-  models.compiled.clear()  # compile here, not reuse the module's programs
+  models.programs.clear()  # compile here, not reuse the module's programs
   try:
     r = pipeline.generate(
       cfg(compile_only=True, compilation_cache_dir=str(cache), output=str(out)), models=models, log=quiet
@@ -322,7 +322,7 @@ def test_compile_only_fills_the_cache_and_writes_nothing(models, tmp_path):
     assert tm["compile"] > 0 and tm["decode_compile"] > 0 and "denoise" not in tm
     entries = sorted(p.name for p in cache.iterdir())
     assert len([e for e in entries if "step" in e]) == 1, entries  # the guided step's program
-    models.compiled.clear()
+    models.programs.clear()
     done = pipeline.generate(cfg(compilation_cache_dir=str(cache), output=str(out)), models=models, log=quiet)
     assert sorted(p.name for p in cache.iterdir()) == entries  # loaded, not compiled again
     assert done.steps_done == 3 and video_io.read_video(str(out)).shape == (16, 64, 64, 3)
@@ -331,4 +331,4 @@ def test_compile_only_fills_the_cache_and_writes_nothing(models, tmp_path):
 
     jax.config.update("jax_compilation_cache_dir", session_cache)
     compilation_cache.reset_cache()
-    models.compiled.clear()
+    models.programs.clear()

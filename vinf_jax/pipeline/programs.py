@@ -1,0 +1,138 @@
+"""The compiled programs of a run (the guided step, the decoder), kept for the next video of the same shape.
+
+Compiling the step of the full-size model takes a minute; a notebook trying prompts and seeds, the web page
+and the tests make many videos of one shape. :class:`Programs` (held by :class:`.models.Models`) keeps one
+step and one decode program, each with the key of what it depends on: a new key replaces it, so old
+programs and their weight copies do not pile up. Also here: the persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+from vinf_jax import parallel
+from vinf_jax.pipeline.settings import GenerationConfig, latent_shape
+
+if TYPE_CHECKING:
+  from vinf_jax.pipeline.models import Models
+
+
+@dataclasses.dataclass(eq=False)
+class Programs:
+  """The last step and decode programs, each with its key (:func:`step_key`, :func:`decode_key`).
+
+  Attributes:
+    step_key: what ``denoiser`` and ``step`` were made for (None: nothing kept).
+    denoiser: :func:`vinf_jax.parallel.make_denoiser`'s result for ``step_key``.
+    step: its compiled step, or None until compiled.
+    decode_key: what ``decode`` was compiled for.
+    decode: ``(vae params on the mesh, compiled decode)``.
+  """
+
+  step_key: tuple | None = None
+  denoiser: object | None = None
+  step: Callable | None = None
+  decode_key: tuple | None = None
+  decode: tuple | None = None
+
+  def clear(self) -> None:
+    """Forget every program (the next video compiles afresh)."""
+    self.step_key = self.denoiser = self.step = self.decode_key = self.decode = None
+
+  def kept(self) -> dict:
+    """The keys of the programs kept now, by name (what a comparison before and after a request needs)."""
+    return {"step": self.step_key if self.step is not None else None, "decode": self.decode_key}
+
+  def denoiser_for(self, key: tuple, make: Callable[[], object]):
+    """The denoiser of ``key``, made (and its step left to compile) when the key is new."""
+    if self.step_key != key:
+      self.denoiser = self.step = None  # the old one's weight copies go before the new ones are made
+      self.denoiser, self.step_key = make(), key
+    return self.denoiser
+
+  def decoder_for(self, key: tuple, make: Callable[[], tuple]) -> tuple:
+    """``(vae params, compiled decode)`` of ``key``, compiled when the key is new."""
+    if self.decode_key != key:
+      self.decode = None
+      self.decode, self.decode_key = make(), key
+    return self.decode
+
+
+def step_key(cfg: GenerationConfig, mesh: jax.sharding.Mesh, latent_shape, per_frame: bool) -> tuple:
+  """What the compiled guided step depends on (``generate`` keeps one step program per key)."""
+  return (
+    cfg.sampler_config(),
+    cfg.temporal_config(),
+    tuple(mesh.devices.flat),
+    latent_shape,
+    per_frame,
+    cfg.frame_chunk,
+  )
+
+
+def decode_key(mesh: jax.sharding.Mesh, latent_shape, chunk: int) -> tuple:
+  return (tuple(mesh.devices.flat), latent_shape, chunk)
+
+
+def will_compile(cfg: GenerationConfig, models: Models) -> tuple[str, ...]:
+  """The programs ``generate(cfg, models=models)`` would compile now: ``'step'`` and/or ``'decode'``.
+
+  Empty when the programs kept on ``models`` from the last video fit these settings (same shapes, sampler,
+  temporal options and devices; prompts, seed and the outputs do not matter). ``cfg`` must be valid.
+  """
+  mesh = parallel.make_mesh(cfg.num_devices or None)
+  shape = latent_shape(cfg, models.config)
+  kept = models.programs
+  step = kept.step_key != step_key(cfg, mesh, shape, len(cfg.prompts) > 1) or kept.step is None
+  decode = kept.decode_key != decode_key(mesh, shape, cfg.decode_chunk)
+  return (("step",) if step else ()) + (("decode",) if decode else ())
+
+
+def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int):
+  """``latents [B, N, h, w, c] (split over frames) -> uint8 frames [B, N, H, W, 3]`` decoded where they lie."""
+  from flax import nnx
+
+  from vinf_jax.models import vae as vae_lib
+
+  graphdef, params = nnx.split(vae_model)
+  params = jax.tree.map(lambda a: parallel.on_mesh(a, mesh), params)
+  P = jax.sharding.PartitionSpec
+
+  def body(params, z):  # z: [B, T, h, w, c] local frames
+    x = vae_lib.decode_in_chunks(nnx.merge(graphdef, params), z, chunk)  # [B, T, H, W, 3] float32
+    return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)  # as video_io.to_uint8
+
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), parallel.frames_spec()), out_specs=parallel.frames_spec()))
+  return params, fn
+
+
+def decoder(models: Models, mesh: jax.sharding.Mesh, latent_shape, chunk: int, x: jax.Array) -> tuple:
+  """(vae_params, compiled decode) for latents like ``x``, compiled once per (mesh, shape, chunk)."""
+
+  def make():
+    vae_params, decode = make_decoder(models.vae, mesh, chunk)
+    return vae_params, decode.lower(vae_params, x).compile(parallel.compiler_options(mesh.size))
+
+  return models.programs.decoder_for(decode_key(mesh, latent_shape, chunk), make)
+
+
+def use_compilation_cache(path: str) -> None:
+  """Compile into (and load from) JAX's persistent cache at `path` from now on.
+
+  JAX opens its cache once per process, at the first compile; a later change of the folder alone would be
+  ignored (a notebook or the web app that compiled before, or another folder set earlier), so the cache is
+  reopened when the folder changes.
+  """
+  from jax.experimental.compilation_cache import compilation_cache
+
+  path = os.path.abspath(path)
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
