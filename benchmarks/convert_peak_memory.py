@@ -18,9 +18,10 @@ import time
 import numpy as np
 import torch
 
+from convert.manifests import MANIFESTS
 from vinf_jax import sampling
 
-MANIFEST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "videocrafter2_state_dict.json"
+MANIFEST = MANIFESTS / "videocrafter2_state_dict.json"
 
 
 def main(workdir: str) -> None:

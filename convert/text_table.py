@@ -269,7 +269,7 @@ def check_manifest_text(manifest_shapes: Mapping[str, object], cfg: TextConfig =
 
   Args:
     manifest_shapes: full checkpoint key -> shape (list or tuple), e.g. the ``"tensors"`` entry of
-      ``shared/reference/videocrafter2_state_dict.json``; keys outside ``cond_stage_model.`` are ignored.
+      ``convert/manifests/videocrafter2_state_dict.json``; keys outside ``cond_stage_model.`` are ignored.
     cfg: the text config (the full-size VideoCrafter2 text tower by default).
 
   Returns:

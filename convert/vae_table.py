@@ -211,7 +211,7 @@ def check_manifest_vae(manifest_shapes: Mapping[str, object], *, cfg: VAEConfig 
 
   Args:
     manifest_shapes: full checkpoint key -> shape (list or tuple), e.g. the ``"tensors"`` entry of
-      ``shared/reference/videocrafter2_state_dict.json``; keys outside ``first_stage_model.`` are ignored.
+      ``convert/manifests/videocrafter2_state_dict.json``; keys outside ``first_stage_model.`` are ignored.
     cfg: the VAE config (the full-size VideoCrafter2 VAE by default).
 
   Returns:

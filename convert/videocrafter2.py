@@ -11,7 +11,7 @@ r"""Convert VideoCrafter2 weights from PyTorch into a vinf_jax model directory.
       [--diffusers_vae vae/diffusion_pytorch_model.safetensors] [--clip_text_model text_encoder/model.safetensors] \
       [--tokenizer bpe_simple_vocab_16e6.txt.gz] --out weights/vc2_diffusers
   # map the published key/shape manifest onto the abstract full-size model (no weights needed)
-  python -m convert.videocrafter2 --check_manifest ../shared/reference/videocrafter2_state_dict.json
+  python -m convert.videocrafter2 --check_manifest=videocrafter2  # the manifest carried in convert/manifests/
 
 The output directory holds ``config.json`` (model config + which components are present), one orbax
 directory per component (``unet/``, ``vae/``, ``text_encoder/``) and ``tokenizer/`` (vocab.json,
@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import numpy as np
 from absl import app, flags
 
-from convert import common, text_table, turbo, unet_table, vae_table
+from convert import common, manifests, text_table, turbo, unet_table, vae_table
 from convert.common import ConversionError, SourceTensor
 from convert.torch_io import UnsafeCheckpointError, load_sources, load_tensor_list, weights_file_kind
 from vinf_jax import checkpoint, sampling, tokenizer, video_io
@@ -93,7 +93,8 @@ _FLAGS = {
   "check_manifest": flags.DEFINE_string(
     "check_manifest",
     None,
-    "Only map a key/shape manifest JSON (shared/reference/videocrafter2_state_dict.json) onto the abstract model.",
+    "Only map a key/shape manifest JSON onto the abstract model: a path, or 'videocrafter2' for the one carried "
+    "in convert/manifests/ (VideoCrafter2's model.ckpt, 2039 tensors).",
   ),
 }
 
@@ -374,7 +375,7 @@ def main(argv):
   f = {k: v.value for k, v in _FLAGS.items()}
   try:
     if f["check_manifest"]:
-      check_manifest(f["check_manifest"])
+      check_manifest(manifests.resolve(f["check_manifest"]))
       return 0
     if not f["out"]:
       raise ValueError("--out is required")

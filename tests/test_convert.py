@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from convert import common, unet_table, videocrafter2
+from convert.manifests import MANIFESTS
 from convert.torch_io import UnsafeCheckpointError, torch_sources
 from tests._checkpoints import original_state_dict
 from vinf_jax import checkpoint
@@ -20,7 +21,7 @@ from vinf_jax.config import TINY
 from vinf_jax.models import unet3d
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MANIFEST = ROOT.parent / "shared" / "reference" / "videocrafter2_state_dict.json"
+MANIFEST = MANIFESTS / "videocrafter2_state_dict.json"
 
 
 @pytest.fixture(scope="module")
@@ -150,17 +151,30 @@ def test_existing_output_is_not_overwritten(tmp_path, state_dict):
     _convert(tmp_path, {"state_dict": state_dict})
 
 
-def test_check_manifest_cli():
-  r = subprocess.run(
-    [sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={MANIFEST}"],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-  )
-  assert r.returncode == 0, r.stderr
-  lines = r.stdout.strip().splitlines()
-  assert lines[-1] == "mapped 2039/2039 tensors", r.stdout
-  assert any(line.startswith("unet") and "1484 tensors" in line for line in lines)
+def test_check_manifest_cli(tmp_path):
+  """The manifest the repository carries, by its name and by a path (from another directory: it is found
+  beside the converter, not relative to the working directory)."""
+  for value in ("videocrafter2", str(MANIFEST)):
+    r = subprocess.run(
+      [sys.executable, "-m", "convert.videocrafter2", f"--check_manifest={value}"],
+      capture_output=True,
+      text=True,
+      cwd=tmp_path,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == "mapped 2039/2039 tensors", r.stdout
+    assert any(line.startswith("unet") and "1484 tensors" in line for line in lines)
+
+
+def test_the_tests_need_nothing_beside_the_repository():
+  """What the tests read lies inside the repository (a fresh clone has nothing beside it)."""
+  assert MANIFEST.is_relative_to(ROOT) and MANIFEST.is_file()
+  outside = ("parents[" + "2]", "ROOT." + "parent", '"shared" / ' + '"reference"')  # not this test's own text
+  for path in sorted((ROOT / "tests").glob("*.py")):
+    text = path.read_text(encoding="utf-8")
+    assert not [s for s in outside if s in text], f"{path.name} reads outside the repository"
 
 
 def test_check_manifest_rejects_a_bad_manifest(tmp_path):

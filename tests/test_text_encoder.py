@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +14,12 @@ import torch
 from flax import nnx
 
 from convert import common, text_table
+from convert.manifests import MANIFESTS
 from tests import _reference
 from vinf_jax.config import TINY, VIDEOCRAFTER2, TextConfig
 from vinf_jax.models import param_count, text_encoder
 
-MANIFEST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "videocrafter2_state_dict.json"
+MANIFEST = MANIFESTS / "videocrafter2_state_dict.json"
 
 CFG = TINY.text  # width 32, 4 heads, 3 stored layers, 2 run
 RTOL = 1e-5  # max|a - b| / max|b|, float32

@@ -241,9 +241,9 @@ def test_lora_order_of_the_full_size_model():
 
 
 def conv_manifest():
-  from tests.test_unet import SHARED
+  from convert.manifests import MANIFESTS
 
-  return SHARED / "videocrafter2_state_dict.json"
+  return MANIFESTS / "videocrafter2_state_dict.json"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ import pytest
 from flax import nnx
 
 from convert import common, unet_table
+from convert.manifests import MANIFESTS
 from convert.torch_io import torch_sources
 from tests._unet_reference import ReferenceUNet
 from vinf_jax.config import TINY, VIDEOCRAFTER2
 from vinf_jax.models import unet3d
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+DATA = pathlib.Path(__file__).resolve().parent / "data"  # reference files the tests read
 # float32 end to end on CPU; the two implementations differ only in summation order.
 RTOL = 1e-5
 # One jitted function for every test, so each input shape compiles once.
@@ -111,12 +112,12 @@ def test_full_size_parameter_count(full_size):
 def test_tables_match_reference_manifest_and_diffusers_map(full_size):
   cfg = VIDEOCRAFTER2.unet
   targets = common.target_shapes(full_size)
-  manifest = json.loads((SHARED / "videocrafter2_state_dict.json").read_text())["tensors"]
+  manifest = json.loads((MANIFESTS / "videocrafter2_state_dict.json").read_text())["tensors"]
   pre = "model.diffusion_model."
   sources = {k[len(pre) :]: tuple(v) for k, v in manifest.items() if k.startswith(pre)}
   assert len(sources) == 1484
   common.check_table(unet_table.original_table(targets), targets, sources, "unet")  # raises on any mismatch
-  ref = json.loads((SHARED / "vc2_to_diffusers_unet_map.json").read_text())
+  ref = json.loads((DATA / "vc2_to_diffusers_unet_map.json").read_text())
   mine = {unet_table.original_key(p): unet_table.diffusers_key(unet_table.original_key(p), cfg) for p in targets}
   assert mine == {k: v[0] for k, v in ref.items()}
   # init_attn's projections are the only tensors whose layout differs (Conv1d vs Linear)

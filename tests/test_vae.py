@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pathlib
 import re
 
 import jax
@@ -18,6 +17,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from flax import nnx
 
 from convert import common, vae_table
+from convert.manifests import MANIFESTS
 from vinf_jax.config import TINY, VIDEOCRAFTER2
 from vinf_jax.models import param_count, vae
 
@@ -25,7 +25,7 @@ CFG = TINY.vae  # ch 32, ch_mult (1, 2, 2, 2), one ResnetBlock per level: diffus
 B, T, H, W = 1, 2, 32, 48  # non-square, so a swapped H/W cannot pass
 TOL = 1e-5  # max|a - b| / max|b|, float32
 CHUNK_TOL = 5e-6  # chunked vs one-shot decode: float32 rounding only (XLA is not batch-size invariant)
-MANIFEST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "videocrafter2_state_dict.json"
+MANIFEST = MANIFESTS / "videocrafter2_state_dict.json"
 
 
 def rel_err(a, b) -> float:
