@@ -1,6 +1,6 @@
 """Analytic FLOP count of VideoCrafter2's 3D UNet, read off the architecture (no tracing, no XLA).
 
-Used by ``benchmarks/bench_step.py`` for MFU (the numerator is what the model needs, not what XLA happens to
+Used by ``benchmarks/step_measure.py`` for MFU (the numerator is what the model needs, not what XLA happens to
 execute) and as a cross-check of XLA's own cost analysis.
 """
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import bench_step, results_table
+from benchmarks import bench_step, results_table, step_measure, step_report, torch_baseline
 from benchmarks import flops as flops_lib
 from vinf_jax import parallel
 from vinf_jax.config import TINY, VIDEOCRAFTER2
@@ -82,7 +82,7 @@ def test_bench_step_smoke(smoke):
   assert w["devices"] == 2 and w["frames_per_device"] == F
   assert w["efficiency"] == pytest.approx(runs[0]["ms_per_step"] / runs[1]["ms_per_step"]) and w["efficiency"] > 0
   assert "max_frames" not in smoke and "torch_baseline" not in smoke
-  text = bench_step.format_table(smoke)
+  text = step_report.format_table(smoke)
   assert "weak scaling" in text and "xla/an" in text
 
 
@@ -126,16 +126,16 @@ def test_search_max_frames():
     calls.append(f)
     return f <= 900
 
-  r = bench_step.search_max_frames(fits, step=64, limit=4096, known_fit=256)
+  r = step_measure.search_max_frames(fits, step=64, limit=4096, known_fit=256)
   assert (r["largest_fit"], r["smallest_fail"], r["complete"]) == (896, 960, True)
   assert calls[0] == 512 and len(calls) == len(set(calls))
   # a good guess needs two probes
   calls.clear()
-  r = bench_step.search_max_frames(fits, step=64, limit=4096, known_fit=256, guess=900)
+  r = step_measure.search_max_frames(fits, step=64, limit=4096, known_fit=256, guess=900)
   assert (r["largest_fit"], r["smallest_fail"]) == (896, 960) and calls == [896, 960]
   # the bracket so far after each probe
   parts = []
-  bench_step.search_max_frames(
+  step_measure.search_max_frames(
     fits,
     step=64,
     limit=4096,
@@ -148,21 +148,21 @@ def test_search_max_frames():
     (896, 960, 2, False),
   ]
   # a guess too high gallops down
-  r = bench_step.search_max_frames(fits, step=64, limit=4096, guess=2000)
+  r = step_measure.search_max_frames(fits, step=64, limit=4096, guess=2000)
   assert (r["largest_fit"], r["smallest_fail"], r["complete"]) == (896, 960, True)
   # everything up to the limit fits
-  r = bench_step.search_max_frames(lambda f: True, step=64, limit=1000, known_fit=256)
+  r = step_measure.search_max_frames(lambda f: True, step=64, limit=1000, known_fit=256)
   assert (r["largest_fit"], r["smallest_fail"], r["complete"]) == (960, None, True)
   # nothing fits
-  r = bench_step.search_max_frames(lambda f: False, step=16, limit=1000)
+  r = step_measure.search_max_frames(lambda f: False, step=16, limit=1000)
   assert (r["largest_fit"], r["smallest_fail"]) == (None, 16)
   # out of time after two probes: an incomplete bracket
   t = iter(range(100))
-  r = bench_step.search_max_frames(fits, step=64, limit=4096, known_fit=256, deadline=2, clock=lambda: next(t))
+  r = step_measure.search_max_frames(fits, step=64, limit=4096, known_fit=256, deadline=2, clock=lambda: next(t))
   assert not r["complete"] and len(r["probes"]) == 2
   # a probe must end before the deadline: with 10 s per probe and 25 s left, two probes start
   t = iter(range(0, 1000, 10))
-  r = bench_step.search_max_frames(
+  r = step_measure.search_max_frames(
     fits, step=64, limit=4096, known_fit=256, deadline=25, clock=lambda: next(t), reserve=lambda: 10
   )
   assert not r["complete"] and len(r["probes"]) == 2
@@ -176,11 +176,11 @@ def test_guess_max_frames():
             "memory": {"limit_bytes": 80 * gib}}  # fmt: skip
 
   # 4 GiB of weights and 0.1 GiB per frame: 0.97 * 80 GiB holds 736 frames
-  assert bench_step.guess_max_frames([run(64, 4 * gib + 64 * gib // 10), run(256, 4 * gib + 256 * gib // 10)]) == 735
-  assert bench_step.guess_max_frames([run(64, 10 * gib)]) is None  # one point: no slope
+  assert step_measure.guess_max_frames([run(64, 4 * gib + 64 * gib // 10), run(256, 4 * gib + 256 * gib // 10)]) == 735
+  assert step_measure.guess_max_frames([run(64, 10 * gib)]) is None  # one point: no slope
   # the runs of the search's device count only
   four = [run(64, 4 * gib + 64 * gib // 10) | {"devices": 4}, run(256, 4 * gib + 256 * gib // 10) | {"devices": 4}]
-  assert bench_step.guess_max_frames(four) is None and bench_step.guess_max_frames(four, devices=4) == 735
+  assert step_measure.guess_max_frames(four) is None and step_measure.guess_max_frames(four, devices=4) == 735
 
 
 def fake_run_config(model, bc, d, f, steps, plan, wall_s=1.0):
@@ -209,12 +209,12 @@ def fake_run_config(model, bc, d, f, steps, plan, wall_s=1.0):
 @pytest.fixture
 def fake_bench(monkeypatch):
   """bench_step.main without a model: every (D, F) run is fake_run_config."""
-  monkeypatch.setattr(bench_step, "build_host_unet", lambda cfg, seed: (None, 0.0))
-  monkeypatch.setattr(bench_step, "param_count", lambda model: 1)
+  monkeypatch.setattr(step_measure, "build_host_unet", lambda cfg, seed: (None, 0.0))
+  monkeypatch.setattr(step_measure, "param_count", lambda model: 1)
   monkeypatch.setattr(
-    bench_step, "matmul_rate", lambda *a: {"size": 8, "iters": 1, "dtype": "bf16", "ms": 1.0, "flops": 8e14}
+    step_measure, "matmul_rate", lambda *a: {"size": 8, "iters": 1, "dtype": "bf16", "ms": 1.0, "flops": 8e14}
   )
-  monkeypatch.setattr(bench_step, "run_config", fake_run_config)
+  monkeypatch.setattr(step_measure, "run_config", fake_run_config)
 
 
 def test_run_max_frames_and_budget(fake_bench, tmp_path, monkeypatch):
@@ -247,24 +247,24 @@ def test_run_max_frames_and_budget(fake_bench, tmp_path, monkeypatch):
     on_record.append(saved["max_frames"]["probing"] if a[4] == 0 else saved["running"]["frames_per_device"])
     return fake_run_config(*a)
 
-  monkeypatch.setattr(bench_step, "run_config", probe)
+  monkeypatch.setattr(step_measure, "run_config", probe)
   assert bench_step.main(["bench_step", "--frames=64,256", "--devices=2", "--find_max_frames", f"--out={out}"]) == 0
   mf = json.loads(out.read_text())["max_frames"]
   assert (mf["devices"], mf["largest_fit"], mf["smallest_fail"], mf["complete"]) == (2, 896, 960, True)
   assert probed[:2] == [(2, 64, 5), (2, 256, 5)] and all(p[0] == 2 and p[2] == 0 for p in probed[2:])
   assert on_record == [p[1] for p in probed] and on_record[2:] == [p["frames"] for p in mf["probes"]]
   assert "running" not in json.loads(out.read_text())
-  assert "max frames per device on 2 device(s): 896 fits" in bench_step.format_table(json.loads(out.read_text()))
+  assert "max frames per device on 2 device(s): 896 fits" in step_report.format_table(json.loads(out.read_text()))
   (row,) = results_table.rows_from_json(json.loads(out.read_text()))[results_table.MAX]
   assert row.startswith(f"| {mf_date(out)} | ") and "| 2 | dual | 1792 | 1920 | True |" in row
 
   # a run as long as the whole budget: the next one is skipped, and no max-frames probe starts
-  monkeypatch.setattr(bench_step, "run_config", lambda *a: fake_run_config(*a, wall_s=2000.0))
+  monkeypatch.setattr(step_measure, "run_config", lambda *a: fake_run_config(*a, wall_s=2000.0))
   assert bench_step.main([*args, "--time_budget_s=1000"]) == 0
   r = json.loads(out.read_text())
   assert [x["ok"] for x in r["runs"]] == [True, False, False, False] and r["runs"][1]["skipped"]
   assert r["weak_scaling"] == [] and r["max_frames"]["probes"] == [] and not r["max_frames"]["complete"]
-  assert "skipped" in bench_step.format_table(r)
+  assert "skipped" in step_report.format_table(r)
 
 
 def mf_date(path) -> str:
@@ -278,22 +278,22 @@ F=  64 step(CFG)=   451.8 ms  per-frame-step=  7.06 ms  peak=  9.1 GiB
 
 
 def test_torch_baseline_parsing(tmp_path, monkeypatch):
-  rows = bench_step.parse_torch_output(TORCH_OUT)
+  rows = torch_baseline.parse_torch_output(TORCH_OUT)
   assert rows == [
     {"frames": 16, "ms_per_step": 131.8, "ms_per_frame_step": 8.24, "peak_gib": 4.3},
     {"frames": 64, "ms_per_step": 451.8, "ms_per_frame_step": 7.06, "peak_gib": 9.1},
   ]
   script = tmp_path / "baseline.py"
   script.write_text(f"import sys\nprint({TORCH_OUT!r})\nassert sys.argv[1:] == ['float16', '16,64', 'compile']\n")
-  monkeypatch.setattr(bench_step, "TORCH_BASELINE", script)
-  b = bench_step.run_torch_baseline([16, 64], "float16", True, 60)
+  monkeypatch.setattr(torch_baseline, "TORCH_BASELINE", script)
+  b = torch_baseline.run_torch_baseline([16, 64], "float16", True, 60)
   assert "error" not in b and b["mode"] == "compile" and b["rows"] == rows
   runs = [{"ok": True, "devices": 1, "frames_per_device": 16, "ms_per_frame_step": 2.06}]
-  (r,) = bench_step.torch_ratios(runs, [b])
+  (r,) = torch_baseline.torch_ratios(runs, [b])
   assert r["frames"] == 16 and r["ratio"] == pytest.approx(8.24 / 2.06)
   # a failing baseline (diffusers missing, say) is an error entry with the end of its output
   script.write_text("import sys\nprint('boom', file=sys.stderr)\nsys.exit(3)\n")
-  b = bench_step.run_torch_baseline([16], "float16", False, 60)
+  b = torch_baseline.run_torch_baseline([16], "float16", False, 60)
   assert "exit code 3" in b["error"] and "boom" in b["error"] and b["rows"] == []
 
 
@@ -438,14 +438,14 @@ def test_step_compiler_options(monkeypatch):
   fv(["bench_step", "--compiler_options=xla_gpu_autotune_level=0"])
   try:
     bc = bench_step.config_from_flags(fv)
-    assert bench_step.step_compiler_options(bc) == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+    assert step_measure.step_compiler_options(bc) == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
     monkeypatch.undo()
     # the real options: none on CPU; on GPU cuBLAS GEMMs, and the latency-hiding scheduler on several devices
     assert parallel.compiler_options(1) is None and parallel.compiler_options(4) is None
     fv.unparse_flags()
     fv(["bench_step", "--compiler_options=xla_gpu_enable_triton_gemm=true", "--nopipeline_compiler_options"])
     bc = bench_step.config_from_flags(fv)
-    assert bench_step.step_compiler_options(bc) == {"xla_gpu_enable_triton_gemm": True}
+    assert step_measure.step_compiler_options(bc) == {"xla_gpu_enable_triton_gemm": True}
   finally:
     fv.unparse_flags()
 
