@@ -12,6 +12,10 @@ messages the command line prints, in the page. Videos and their JSON sidecars go
 Several hosts: start the same command on every host with ``--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I`` (or ``--distributed``). Only process 0 serves the page; it sends each
 request's settings to the other processes (:class:`Channel`), and every process then runs it.
+
+This module is the server without Gradio: the page's values as settings, the processes' channel, the
+:class:`Handler` that runs the requests (tests and ``benchmarks/app_requests.py`` call it directly) and the
+command. The page's layout and events are :mod:`vinf_jax.app_page` (:func:`build_page` here hands over to it).
 """
 
 # No `from __future__ import annotations`: Gradio reads the handlers' `request: gr.Request` hints at run time.
@@ -268,6 +272,11 @@ class Reply:
 Progress = Callable[[int | None, int | None, str], None]  # (done, total or None, what is happening)
 
 
+def _clock(seconds: float) -> str:
+  m, s = divmod(int(round(seconds)), 60)
+  return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 class Handler:
   """The page's requests, one at a time, on models loaded once (no Gradio here: tests call it directly).
 
@@ -416,141 +425,15 @@ class Handler:
 
 
 # ------------------------------------------------------------------------------------------------
-# The page
-
-
-def _clock(seconds: float) -> str:
-  m, s = divmod(int(round(seconds)), 60)
-  return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-
-def _header(handler: Handler) -> str:
-  import jax
-
-  cfg, m = handler.base, handler.models.config
-  where = (
-    f"weights `{cfg.weights}`"
-    if cfg.weights
-    else f"random weights of the '{m.name}' model (seed {cfg.weights_seed}): the videos are noise-like"
-  )
-  return (
-    "## vinf_jax: text to long video\n"
-    f"{where}; {jax.device_count()} {jax.devices()[0].device_kind} device(s) in {jax.process_count()} "
-    f"process(es), {cfg.resolved_dtype()}. "
-    "One prompt per line makes a multi-prompt video. The first request of a shape compiles its programs; "
-    "later ones of the same shape and sampler settings reuse them."
-  )
-
-
-def _status_md(status: str) -> str:
-  head, _, rest = status.partition("\n")
-  if status.startswith("error:") or rest:
-    return "```text\n" + status + "\n```"
-  return head
+# The page (its layout: vinf_jax.app_page)
 
 
 def build_page(handler: Handler):
-  """The Gradio page over ``handler`` (queue and concurrency set; call ``.launch()``)."""
-  os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-  import gradio as gr
-  import jax
+  """The Gradio page over ``handler`` (queue and concurrency set; call ``.launch()``): see
+  :func:`vinf_jax.app_page.build_page`, imported here on first use (it imports this module)."""
+  from vinf_jax import app_page
 
-  v = page_values(handler.base)
-  samplers = handler.samplers
-  if jax.process_count() > 1:
-    devices = [(f"all ({jax.device_count()}, every process)", 0)]
-  else:
-    devices = [(f"all ({jax.device_count()})", 0)] + [(str(k), k) for k in range(1, jax.local_device_count() + 1)]
-  # Gradio keeps a copy of each video it serves: drop copies older than a day (the videos stay in outputs_dir).
-  with gr.Blocks(title="vinf_jax", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as page:
-    gr.Markdown(_header(handler), elem_id="header")
-    with gr.Row():
-      with gr.Column(scale=1):
-        prompts = gr.Textbox(
-          v["prompts"], label="prompts (one per line)", lines=3, elem_id="prompts", placeholder="a red panda ..."
-        )
-        negative = gr.Textbox(v["negative_prompt"], label="negative prompt", elem_id="negative_prompt")
-        with gr.Row():
-          frames = gr.Number(v["frames"], label="frames", precision=0, elem_id="frames")
-          height = gr.Number(v["height"], label="height", precision=0, step=64, elem_id="height")
-          width = gr.Number(v["width"], label="width", precision=0, step=64, elem_id="width")
-        with gr.Row():
-          sampler = gr.Dropdown(
-            samplers, value=v["sampler"] if v["sampler"] in samplers else samplers[0], label="sampler"
-          )
-          steps = gr.Number(v["steps"], label="steps", precision=0, elem_id="steps")
-          guidance = gr.Number(v["guidance"], label="guidance", elem_id="guidance")
-        with gr.Row():
-          seed = gr.Number(v["seed"], label="seed", precision=0, elem_id="seed")
-          num_devices = gr.Dropdown(
-            devices,
-            value=v["num_devices"] if v["num_devices"] in dict(devices).values() else 0,
-            label="devices (num_devices)",
-          )
-        with gr.Row():
-          attention = gr.Dropdown(["dual", "full"], value=v["attention"], label="attention")
-          window = gr.Number(v["window"], label="window", precision=0, elem_id="window")
-          num_global = gr.Number(v["num_global"], label="global frames (num_global)", precision=0, elem_id="num_global")
-        with gr.Row():
-          go = gr.Button("Generate", variant="primary", elem_id="generate")
-          stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
-      with gr.Column(scale=1):
-        status = gr.Markdown("", elem_id="status")
-        video = gr.Video(label="video", elem_id="video", interactive=False, autoplay=True, loop=True)
-        files = gr.File(label="download: the mp4 and its JSON sidecar", file_count="multiple", elem_id="files")
-        with gr.Accordion("settings of the last run", open=False):
-          settings = gr.JSON(elem_id="settings")
-        with gr.Accordion("log", open=False):
-          log = gr.Textbox(label="progress lines", lines=8, max_lines=30, elem_id="log")
-    inputs = [prompts, negative, frames, height, width, sampler, steps, guidance, seed, attention, window]
-    inputs += [num_global, num_devices]
-
-    # Named parameters, not *args: Gradio passes the request and the progress tracker only to those.
-    def generate(
-      prompts,
-      negative_prompt,
-      frames,
-      height,
-      width,
-      sampler,
-      steps,
-      guidance,
-      seed,
-      attention,
-      window,
-      num_global,
-      num_devices,
-      request: gr.Request,
-      progress=gr.Progress(),
-    ):
-      values = dict(locals())
-      values = {name: values[name] for name in FIELDS}
-
-      def report(done, total, desc):
-        try:
-          progress((done, total) if done is not None else None, desc=desc, unit="steps")
-        except Exception:  # a cancelled event's tracker: the run goes on to its next step and stops there
-          pass
-
-      reply = handler.run(values, session=request.session_hash or "", progress=report)
-      if not reply.ok:  # the last video and its settings stay on the page
-        return _status_md(reply.status), gr.skip(), gr.skip(), gr.skip(), reply.log
-      return _status_md(reply.status), reply.video, [reply.video, reply.sidecar], reply.settings, reply.log
-
-    def cancel(request: gr.Request):
-      return _status_md(handler.cancel(request.session_hash or "", wait_s=600))
-
-    event = go.click(
-      generate,
-      inputs,
-      [status, video, files, settings, log],
-      api_name="generate",
-      concurrency_limit=1,
-      concurrency_id="video",
-    )
-    stop.click(cancel, None, [status], api_name="cancel", queue=False, cancels=[event])
-  page.queue(default_concurrency_limit=1)
-  return page
+  return app_page.build_page(handler)
 
 
 # ------------------------------------------------------------------------------------------------

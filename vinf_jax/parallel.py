@@ -294,13 +294,9 @@ def make_denoiser(
 
   from vinf_jax import sampling
 
-  if isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int) or frame_chunk < 0:
-    raise ValueError(f"frame_chunk={frame_chunk!r}, expected an int >= 0 (0: no chunking)")
+  _check_denoiser(model, plan, frame_chunk)
   b, n, h, w, c = latent_shape
   d = mesh.shape[FRAMES]
-  if plan.guided == bool(model.cfg.time_cond_proj_dim):
-    need = "without a guidance embedding (for CFG)" if plan.guided else "with time_cond_proj (T2V-Turbo)"
-    raise ValueError(f"the {plan.name!r} sampler needs a UNet {need}")
   temporal.validate()
   check_frames(n, d, temporal)
   t_loc = n // d
@@ -339,6 +335,23 @@ def make_denoiser(
     eps = unet(x2, t, ctx2, fps2, frames=frames, frame_chunk=frame_chunk)
     return sampling.step(plan, state, eps[:b], eps[b:], noise)
 
+  init, step = _jit_programs(init_body, step_body, mesh, state_spec, ctx_spec)
+  return Denoiser(init=init, step=step, params=params, num_steps=sampling.num_steps(plan))
+
+
+def _check_denoiser(model, plan, frame_chunk) -> None:
+  """Raise for a ``frame_chunk`` that is no int >= 0, or a sampler the UNet cannot run (:func:`make_denoiser`)."""
+  if isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int) or frame_chunk < 0:
+    raise ValueError(f"frame_chunk={frame_chunk!r}, expected an int >= 0 (0: no chunking)")
+  if plan.guided == bool(model.cfg.time_cond_proj_dim):
+    need = "without a guidance embedding (for CFG)" if plan.guided else "with time_cond_proj (T2V-Turbo)"
+    raise ValueError(f"the {plan.name!r} sampler needs a UNet {need}")
+
+
+def _jit_programs(init_body, step_body, mesh, state_spec, ctx_spec):
+  """``(init, step)``: the per-device bodies of :func:`make_denoiser` as jitted ``shard_map`` programs on
+  ``mesh``; the step donates its sampler state (argument 1)."""
+  P = jax.sharding.PartitionSpec
   init = jax.jit(jax.shard_map(init_body, mesh=mesh, in_specs=P(), out_specs=state_spec, check_vma=False))
   step = jax.jit(
     jax.shard_map(
@@ -350,7 +363,7 @@ def make_denoiser(
     ),
     donate_argnums=(1,),
   )
-  return Denoiser(init=init, step=step, params=params, num_steps=sampling.num_steps(plan))
+  return init, step
 
 
 def gather_to_host(x: jax.Array) -> np.ndarray:
@@ -369,7 +382,12 @@ def replicate(x, mesh: jax.sharding.Mesh) -> jax.Array:
 
 
 def on_mesh(x, mesh: jax.sharding.Mesh) -> jax.Array:
-  """``x`` replicated over ``mesh``: as it is when it already is (no copy), else through the host."""
+  """``x`` replicated over ``mesh``: as it is when it already is (no copy), else through the host; an abstract
+  ``jax.ShapeDtypeStruct`` (compile-only memory plans) gets the replicated sharding."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    )
   if isinstance(x, jax.Array) and x.sharding.is_fully_replicated and x.sharding.device_set == set(mesh.devices.flat):
     return x
   return replicate(np.asarray(x), mesh)

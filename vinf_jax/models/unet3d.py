@@ -145,9 +145,20 @@ class UNet3D(nnx.Module):
     """
     if isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int) or frame_chunk < 0:
       raise ValueError(f"frame_chunk={frame_chunk!r}, expected an int >= 0 (0: no chunking)")
-    cfg = self.cfg
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    dtype = to_dtype(self.cfg.dtype)
+    emb = self._embedding(t, fps, guidance, motion)
+    context = context.astype(dtype)
+    steps = self._steps(emb, t, frames, frame_chunk)
+    h = _run(steps, x.astype(dtype), context, frame_chunk)
+    return h.astype(jnp.float32)
+
+  def _embedding(self, t: jax.Array, fps, guidance, motion) -> jax.Array:
+    """The ResBlocks' conditioning ``[B, time_embed_dim]``: the timestep (``[B]`` float32) through time_embed,
+    with T2V-Turbo's guidance (and motion) embedding added before it and the fps embedding after."""
+    cfg = self.cfg
+    b = t.shape[0]
     dtype = to_dtype(cfg.dtype)
     emb = timestep_embedding(t, cfg.model_channels).astype(dtype)
     if (guidance is None) != (self.time_cond_proj is None):
@@ -177,10 +188,7 @@ class UNet3D(nnx.Module):
         raise ValueError("this UNet is fps-conditioned (fps_cond=True): pass fps")
       fps = jnp.broadcast_to(jnp.asarray(fps, jnp.float32), (b,))
       emb = emb + self.fps_embedding(timestep_embedding(fps, cfg.model_channels).astype(dtype))
-    context = context.astype(dtype)
-    steps = self._steps(emb, t, frames, frame_chunk)
-    h = _run(steps, x.astype(dtype), context, frame_chunk)
-    return h.astype(jnp.float32)
+    return emb
 
   def _steps(self, emb, t, frames, frame_chunk) -> list[tuple[str, object]]:
     """The forward pass as a flat list of ``(kind, fn)``: kind 'spatial' (``fn(h, context)``, per
