@@ -6,15 +6,18 @@ between requests, cancel at the next step with nothing written, one video at a t
 follower protocol (its messages, and two processes on localhost with gloo).
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -152,6 +155,103 @@ def test_bad_settings_give_the_command_lines_messages(handler, models):
   assert handler.run({"frames": None}).status == "error: invalid settings:\n  - frames: empty, expected a number"
 
 
+def test_every_bad_setting_is_named_at_once(handler):
+  """An empty box no longer hides the others: its message comes with validate's for the rest (issue 25)."""
+  reply = handler.run({"frames": None, "height": 100, "steps": [3], "seed": True, "prompts": 7})
+  assert reply.status.startswith(
+    "error: invalid settings:\n  - prompts=7 (int), expected text\n  - frames: empty, expected a number\n"
+    "  - steps=[3] (list), expected a number\n  - seed=True (bool), expected a number\n"
+    "  - height=100 is not a positive multiple of 64"
+  ), reply.status
+  assert reply.status.count("\n  - ") == 5, reply.status
+  # the flags' frames stand in for an empty box: what validate says of them (8 on 3 devices) is left out ...
+  reply = handler.run({"frames": "", "num_devices": 3})
+  assert reply.status == "error: invalid settings:\n  - frames: empty, expected a number", reply.status
+  # ... and what it says of the page's own values is kept
+  assert handler.run({"frames": 7, "window": ""}).status == (
+    "error: invalid settings:\n  - window: empty, expected a number\n"
+    "  - frames=7 is not divisible by the 2 devices of the 'frames' axis\n"
+    "  - frames that work on 2 device(s) with these temporal settings: 8"
+  )
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(tmp_path):
+  """``python -m vinf_jax.app`` on the tiny model (BASE's shape) on a free port of localhost: ``(url, lines)``,
+  the lines of its terminal so far (all of them once closed, with Ctrl-C)."""
+  flags = ["--flagfile=configs/demo_tiny.flags", "--frames=8", "--height=64", "--width=64", "--window=2"]
+  port, out = _free_port(), tmp_path / "outputs"
+  flags += ["--num_global=4", "--steps=2", "--num_devices=2", f"--port={port}", f"--outputs_dir={out}"]
+  env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio"), PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "-m", "vinf_jax.app", *flags]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines: list[str] = []
+  reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+  reader.start()
+  url = f"http://127.0.0.1:{port}"
+  t0 = time.monotonic()
+  try:
+    while True:
+      try:
+        urllib.request.urlopen(url, timeout=5).read()
+        break
+      except OSError:
+        assert proc.poll() is None and time.monotonic() - t0 < 180, "".join(lines)[-3000:]
+        time.sleep(0.3)
+    yield url, lines
+  finally:
+    proc.send_signal(signal.SIGINT)
+    try:
+      proc.wait(60)
+      reader.join(10)
+    finally:
+      proc.kill()
+
+
+def test_page_api_names_bad_values_without_a_traceback(tmp_path):
+  """The page's /generate through gradio_client and raw HTTP: missing or wrongly typed values get the
+  settings' messages in the status (as on the page), and the server's terminal shows no traceback."""
+  pytest.importorskip("gradio")
+  from gradio_client import Client
+
+  with _server(tmp_path) as (url, lines):
+    good = ["a fox", "", 8, 64, 64, "ddim", 2, 7.5, 1, "dual", 2, 4, 2]
+    client = Client(url + "/", verbose=False)
+    bad = dict(enumerate(good)) | {2: None, 3: 100, 5: "nope", 8: "x"}
+    status = client.predict(*bad.values(), api_name="/generate")[0]
+    assert status == (
+      "```text\nerror: invalid settings:\n  - frames: empty, expected a number\n  - seed='x', expected a number\n"
+      "  - height=100 is not a positive multiple of 64 (the VAE downsamples by 8 and the UNet by 8 more); e.g. 128\n"
+      "  - sampler='nope', expected one of ddim, dpmpp_sde, turbo\n```"
+    ), status
+    status = client.predict(prompts=["a list"], frames="eight", api_name="/generate")[0]
+    assert "  - prompts=['a list'] (list), expected text\n  - frames='eight', expected a number\n```" in status, status
+
+    def post(data) -> list:
+      req = urllib.request.Request(
+        url + "/gradio_api/call/generate", json.dumps({"data": data}).encode(), {"Content-Type": "application/json"}
+      )
+      event = json.loads(urllib.request.urlopen(req, timeout=60).read())["event_id"]
+      text = urllib.request.urlopen(f"{url}/gradio_api/call/generate/{event}", timeout=60).read().decode()
+      assert "event: complete" in text, text  # not "event: error" with {"error": null}
+      return json.loads(text.split("event: complete\ndata: ", 1)[1].splitlines()[0])
+
+    status = post(["a fox"])[0]  # 1 of the 13 values: the others are named as empty
+    for name in ("frames", "height", "width", "steps", "guidance", "seed", "window", "num_global", "num_devices"):
+      assert f"  - {name}: empty, expected a number\n" in status, (name, status)
+    assert "sampler=None, expected one of" in status and "attention=None, expected 'full' or 'dual'" in status
+    status = post(good[:2] + [{"frames": 8}] + good[3:])[0]
+    assert status == "```text\nerror: invalid settings:\n  - frames={'frames': 8} (dict), expected a number\n```"
+  assert "Traceback" not in "".join(lines), "".join(lines)[-3000:]
+  assert not (tmp_path / "outputs").exists() or os.listdir(tmp_path / "outputs") == []
+
+
 def test_request_makes_the_video_then_reuses_the_programs(handler, models):
   models.programs.clear()  # a fresh start whatever ran before
   seen = []
@@ -193,6 +293,16 @@ def test_request_makes_the_video_then_reuses_the_programs(handler, models):
   assert second.settings["timings_s"]["compile"] < 0.1  # the step program was not compiled again
   assert second.video != reply.video and np.abs(video_io.read_video(second.video).astype(int) - video).max() > 0
   assert len(outputs(handler)) == 4 and not [n for n in outputs(handler) if ".partial-" in n]
+
+  # A prompt over the text encoder's 77 tokens: the page says so under the status, as the log does (issue 25).
+  third = handler.run({"prompts": "a fox in the snow " * 5, "seed": 7})
+  done, warning = third.status.split("\n")
+  assert third.ok and done.endswith("; reused the compiled programs"), third.status
+  assert warning == (
+    "warning: the text encoder reads the first 75 tokens of a prompt (77 with its start and end) and drops the "
+    "rest: prompt 1 of 1 has 89 tokens (the last 14 dropped); shorten them to keep every word"
+  )
+  assert warning in third.log.splitlines() and third.settings["prompts_truncated"][0]["dropped"] == 14
 
 
 def test_cancel_stops_at_the_next_step(handler):

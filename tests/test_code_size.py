@@ -49,3 +49,13 @@ def test_the_check_finds_offenders(tmp_path):
     f"vinf_jax/long_function.py:1 outer: {MAX_FUNCTION_LINES + 2} lines (at most {MAX_FUNCTION_LINES})",
     f"vinf_jax/long_function.py:2 inner: {MAX_FUNCTION_LINES + 1} lines (at most {MAX_FUNCTION_LINES})",
   ], found
+
+
+def test_the_slow_tier_names_real_tests():
+  """Every test tests/conftest.py marks slow exists (a renamed test would drop out of the list silently)."""
+  from tests import conftest
+
+  tests = PACKAGE.parent / "tests"
+  for name in sorted(conftest.SLOW | set(conftest.SLOW_PARAMS)):
+    file, func = name.split("::")
+    assert f"def {func}(" in (tests / file).read_text(encoding="utf-8"), name

@@ -21,10 +21,14 @@ def test_the_four_flagfiles_exist():
 
 
 @pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
-def test_flagfile_parses_and_validates(path):
+def test_flagfile_parses_and_validates(path, monkeypatch):
   import dataclasses
 
   from vinf_jax import pipeline, sample
+  from vinf_jax.pipeline import memory
+
+  # the memory plan as on an 80 GB GPU: the full-size flagfiles are for GPUs (a CPU device here has a few GiB)
+  monkeypatch.setattr(memory, "device_limit", lambda gib=0.0: (80 * memory.GiB, "an 80 GB GPU (test)"))
 
   rel = os.path.relpath(path, ROOT)
   first = open(path).readline().strip()
@@ -33,7 +37,11 @@ def test_flagfile_parses_and_validates(path):
   cfg = sample.config_from_flags()
   assert cfg.prompts, "a flagfile names its prompts"
   if cfg.weights:  # not converted here: same settings, random weights of the model
-    model = {"weights/videocrafter2": "videocrafter2", "weights/t2v_turbo": "videocrafter2_turbo"}[cfg.weights]
+    model = {
+      "weights/videocrafter2": "videocrafter2",
+      "weights/t2v_turbo": "videocrafter2_turbo",
+      "weights/t2v_turbo_v2": "videocrafter2_turbo_v2",
+    }[cfg.weights]
     cfg = dataclasses.replace(cfg, weights="", model=model)
   for d in (1, 2, 4, 8) if cfg.num_devices == 0 else (cfg.num_devices,):
     if cfg.frames % d == 0 and cfg.frames // d >= max(4, cfg.window if cfg.attention == "dual" else 0):

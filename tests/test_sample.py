@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.test_parallel import tame
-from vinf_jax import pipeline, video_io
+from vinf_jax import pipeline, sample, video_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5  # float32; summation order differs between device counts (see test_parallel.py)
@@ -133,20 +133,46 @@ def test_multi_prompt_with_and_without_transition(models):
   assert first < second, (first, second)
 
 
+def test_long_prompts_are_cut_with_one_warning(models, tmp_path):
+  """Over the text encoder's 75 tokens (77 with start and end): one warning line, and the sidecar names each."""
+  long, neg = "a red panda eating bamboo " * 4, "blurry " * 12  # 104 and 84 bytes for the tiny model's tokenizer
+  logs = []
+  out = tmp_path / "v.gif"
+  r = pipeline.generate(
+    cfg(prompts=("a cat", long), negative_prompt=neg, output=str(out)), models=models, log=logs.append
+  )
+  warnings = [ln for ln in logs if ln.startswith("warning:")]
+  assert warnings == [
+    "warning: the text encoder reads the first 75 tokens of a prompt (77 with its start and end) and drops the "
+    "rest: prompt 2 of 2 has 103 tokens (the last 28 dropped); the negative prompt has 83 tokens (the last 8 "
+    "dropped); shorten them to keep every word"
+  ], logs
+  cut = [
+    {"prompt": 1, "tokens": 103, "kept": 75, "dropped": 28},
+    {"prompt": "negative_prompt", "tokens": 83, "kept": 75, "dropped": 8},
+  ]
+  assert r.sidecar["prompts_truncated"] == cut
+  assert json.loads((tmp_path / "v.json").read_text())["prompts_truncated"] == cut
+  logs.clear()
+  assert "prompts_truncated" not in pipeline.generate(cfg(), models=models, log=logs.append).sidecar
+  assert not [ln for ln in logs if ln.startswith("warning:")]
+
+
 def test_resume_equals_uninterrupted(models, tmp_path):
   state = tmp_path / "state"
   full = pipeline.generate(cfg(), models=models, log=quiet)
   part = pipeline.generate(cfg(save_state_every=1, state_dir=str(state), stop_after=2), models=models, log=quiet)
   assert part.latents is None and part.steps_done == 2 and part.num_steps == 3
   assert sorted(os.listdir(state)) == ["run.json", "step_00001", "step_00002"]  # the last two are kept
+  # A resume with other settings is refused, naming what differs.
+  with pytest.raises(ValueError, match=r"seed: saved 0, now 5"):
+    pipeline.validate(cfg(resume=str(state), seed=5))
   out = tmp_path / "resumed.mp4"
   done = pipeline.generate(cfg(resume=str(state), output=str(out)), models=models)
   assert done.steps_done == 3
   np.testing.assert_array_equal(done.latents, full.latents)  # same programs, same inputs: bit-identical
   assert video_io.read_video(str(out)).shape == (16, 64, 64, 3)
-  # A resume with other settings is refused, naming what differs.
-  with pytest.raises(ValueError, match=r"seed: saved 0, now 5"):
-    pipeline.validate(cfg(resume=str(state), seed=5))
+  assert not state.exists()  # the video is written: its states are stale and gone
 
 
 def test_nan_latents_stop_the_run(models, tmp_path):
@@ -282,9 +308,12 @@ def test_cli_two_processes_equal_one(tmp_path):
 
   coord = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
   multi = [launch(2, "multi", *coord, f"--process_id={i}") for i in range(2)]
-  single = launch(4, "single")
+  # the reference: the same flags in this process, on 4 of its devices, while the two processes run
+  sample.parse_flags(["sample", *args, "--num_devices=4", f"--output={tmp_path / 'single'}.gif"])
+  ref = dataclasses.replace(sample.config_from_flags(), save_latents=f"{tmp_path / 'single'}.npy")
+  pipeline.generate(ref, log=quiet)
   logs = []
-  for p in [*multi, single]:
+  for p in multi:
     out, _ = p.communicate(timeout=900)
     logs.append(out)
     assert p.returncode == 0, out[-3000:]

@@ -188,3 +188,15 @@ def test_byte_tokenizer():
   assert ids[3, 0] == tk.START_ID and ids[3, -1] == tk.END_ID and (ids[3, 1:-1] == 1 + ord("x")).all()
   assert ids.max() <= tk.END_ID and ids[:, 1:].max(initial=0) <= tk.END_ID
   np.testing.assert_array_equal(tok(["Hi  There"]), tk.ByteTokenizer()(["hi there"]))
+
+
+def test_truncation_counts_what_is_dropped(tokenizer):
+  """75 ids fit between SOT and EOT: the rest are what the text encoder never reads (issue 25)."""
+  assert tk.truncation(tokenizer, ["a " * 75, "a " * 76, "a " * 200, "a cat"]) == [(75, 0), (76, 1), (200, 125), (2, 0)]
+  long = "a " * 90
+  ids = tokenizer([long])[0]
+  assert ids.tolist() == tokenizer(["a " * 75])[0].tolist()  # the 15 dropped ids change nothing
+  byte = tk.ByteTokenizer()
+  assert tk.truncation(byte, ["x" * 100, "é"]) == [(100, 25), (2, 0)]
+  assert byte.encode(["Hi"]) == [[1 + ord("h"), 1 + ord("i")]]
+  assert tk.truncation(lambda texts: None, ["x"]) is None  # a tokenizer that cannot count

@@ -22,6 +22,7 @@ command. The page's layout and events are :mod:`vinf_jax.app_page` (:func:`build
 import dataclasses
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -103,45 +104,81 @@ def sampler_choices(model: ModelConfig) -> list[str]:
 # Page values -> settings
 
 
+def _page_text(name: str, v) -> tuple[object, str | None]:
+  """A text box's value (None: empty) or the error of a value of another kind (the page's API takes anything)."""
+  if v is None:
+    return "", None
+  if not isinstance(v, str):
+    return None, f"{name}={v!r} ({type(v).__name__}), expected text"
+  return v, None
+
+
+def _page_number(name: str, v) -> tuple[object, str | None]:
+  """A number box's value as the settings take it, or the error: empty (None, blank), not a number."""
+  if v is None or (isinstance(v, str) and not v.strip()):
+    return None, f"{name}: empty, expected a number"
+  if isinstance(v, str):
+    try:
+      v = float(v)
+    except ValueError:
+      return None, f"{name}={v!r}, expected a number"
+  if isinstance(v, bool) or not isinstance(v, int | float):
+    return None, f"{name}={v!r} ({type(v).__name__}), expected a number"
+  if name in _INTS and isinstance(v, float) and v.is_integer():
+    return int(v), None
+  if name in _FLOATS and isinstance(v, int):
+    return float(v), None
+  return v, None  # a non-integral frames=16.5: validate's message
+
+
 def page_config(base: pipeline.GenerationConfig, values: dict, output: str) -> pipeline.GenerationConfig:
   """The settings of one request: ``base`` (the flags) with the page's ``values`` and ``output``.
 
   ``values`` holds :data:`FIELDS` (missing ones keep the flags' value); ``prompts`` is text with one prompt
   per line (blank lines skipped). Numbers arrive as the page sends them (float or int; None when a box was
-  emptied): an integral float becomes an int, anything else is left to :func:`vinf_jax.pipeline.validate`,
-  so the messages are the command line's. Raises ValueError (in validate's format) for empty boxes.
+  emptied; anything at all through the page's API): an integral float becomes an int, a non-integral one is
+  left to :func:`vinf_jax.pipeline.validate`, so the messages are the command line's. Raises ValueError (in
+  validate's format) for empty boxes and values of the wrong kind, listing with them what validate says of
+  the other settings (every bad setting named at once).
   """
   unknown = sorted(set(values) - set(FIELDS))
   if unknown:
     raise ValueError(f"unknown page fields {unknown}; expected some of {', '.join(FIELDS)}")
-  kw = dict(values)
-  e = []
+  kw, e, bad = dict(values), [], []
+  for name in FIELDS:
+    if name not in kw or name in ("sampler", "attention"):  # any value: validate names a wrong one
+      continue
+    check = _page_text if name in ("prompts", "negative_prompt") else _page_number
+    kw[name], err = check(name, kw[name])
+    if err:
+      e.append(err)
+      bad.append(name)
+      del kw[name]  # the flags' value stands in while validate checks the rest
   if "prompts" in kw:
-    text = kw["prompts"] if kw["prompts"] is not None else ""
-    kw["prompts"] = tuple(ln.strip() for ln in str(text).splitlines() if ln.strip())
-  if "negative_prompt" in kw and kw["negative_prompt"] is None:
-    kw["negative_prompt"] = ""
-  for name in _INTS + _FLOATS:
-    if name not in kw:
-      continue
-    v = kw[name]
-    if v is None or (isinstance(v, str) and not v.strip()):
-      e.append(f"{name}: empty, expected a number")
-      continue
-    if isinstance(v, str):
-      try:
-        v = float(v)
-      except ValueError:
-        e.append(f"{name}={v!r}, expected a number")
-        continue
-    if name in _INTS and isinstance(v, float) and v.is_integer():
-      v = int(v)
-    elif name in _FLOATS and isinstance(v, int) and not isinstance(v, bool):
-      v = float(v)
-    kw[name] = v
+    kw["prompts"] = tuple(ln.strip() for ln in kw["prompts"].splitlines() if ln.strip())
+  cfg = dataclasses.replace(base, **kw, **_PER_RUN, output=output)
   if e:
-    raise ValueError("invalid settings:\n  - " + "\n  - ".join(e))
-  return dataclasses.replace(base, **kw, **_PER_RUN, output=output)
+    raise ValueError("invalid settings:\n  - " + "\n  - ".join(e + _other_errors(cfg, bad)))
+  return cfg
+
+
+def _other_errors(cfg: pipeline.GenerationConfig, bad: list[str]) -> list[str]:
+  """validate's errors for ``cfg`` (whose ``bad`` settings are the flags' stand-ins), less those about them."""
+  if "prompts" in bad and not cfg.prompts:
+    cfg = dataclasses.replace(cfg, prompts=("a prompt",))
+  try:
+    pipeline.validate(cfg)
+  except (ValueError, TypeError) as err:
+    items = [ln.strip()[2:] for ln in str(err).splitlines()[1:]] if isinstance(err, ValueError) else []
+  else:
+    return []
+  about = re.compile(r"\b(" + "|".join(bad) + r")=")
+  out, dropped = [], False
+  for item in items:  # a frames hint follows the frames error it explains: it goes with it
+    dropped = bool(about.search(item)) or (dropped and item.startswith("frames that work"))
+    if not dropped:
+      out.append(item)
+  return out
 
 
 def page_values(cfg: pipeline.GenerationConfig) -> dict:
@@ -404,6 +441,8 @@ class Handler:
       f"done: {what} in {t['total']:.1f} s (denoise {t['denoise']:.1f} s, "
       f"{t['denoise'] / max(1, res.steps_done):.2f} s/step); {note}"
     )
+    if res.sidecar.get("prompts_truncated"):  # the log's warning, on the page too
+      status += "\n" + pipeline.prompts.truncation_warning(res.sidecar["prompts_truncated"], len(cfg.prompts))
     return Reply(True, status, res.output, pipeline.video_io.sidecar_path(res.output), res.sidecar, "\n".join(lines))
 
   def cancel(self, session: str = "", wait_s: float = 0.0) -> str:

@@ -155,6 +155,8 @@ def build_page(handler: Handler):
       with gr.Column(scale=1):
         outputs = _results_column()
     generate, cancel = _events(handler)
+    # preprocess=False: the values reach generate() as sent (Gradio's own checks of a number or a choice raise
+    # with a traceback in the terminal and {"error": null} for the caller); page_config names every bad one.
     event = go.click(
       generate,
       inputs,
@@ -162,7 +164,26 @@ def build_page(handler: Handler):
       api_name="generate",
       concurrency_limit=1,
       concurrency_id="video",
+      preprocess=False,
     )
     stop.click(cancel, None, [outputs[0]], api_name="cancel", queue=False, cancels=[event])
   page.queue(default_concurrency_limit=1)
+  _pad_missing_values(page, "generate")
   return page
+
+
+def _pad_missing_values(page, api_name: str) -> None:
+  """A request of ``api_name`` with fewer values than the event's inputs (the raw HTTP API) gets None for the
+  missing ones, which the settings name as empty; Gradio would refuse it with a traceback in the terminal.
+
+  Gradio checks the count in ``Blocks.validate_inputs`` before any of the event's code runs, and then reads
+  the same list: this wraps that method of this page.
+  """
+  check = page.validate_inputs
+
+  def validate_inputs(block_fn, inputs):
+    if getattr(block_fn, "api_name", None) == api_name and isinstance(inputs, list):
+      inputs.extend([None] * (len(block_fn.inputs) - len(inputs)))
+    return check(block_fn, inputs)
+
+  page.validate_inputs = validate_inputs

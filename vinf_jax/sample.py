@@ -6,7 +6,9 @@ line replaces the flagfile's prompts instead of adding to them.
 
 Exit status: 0 done; 2 bad settings (nothing was loaded, compiled or written), or another run is writing
 the same outputs; 1 the run failed (NaN latents, a failed write, out of memory, ...), with nothing written
-where the video goes (after a failed write the message says where the sampled state was saved).
+where the video goes (after a failed write the message says where the sampled state was saved); 143 / 130
+stopped by SIGTERM / SIGINT (Ctrl-C): the state saved as a resumable one when sampling had begun, the partial
+files removed, and one line with the command that continues (a second signal stops at once).
 
 A relative ``--flagfile`` that is not found from the current directory is looked up beside the package
 too (a source checkout: ``configs/NAME.flags`` works from any directory).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import sys
 
 from absl import flags, logging
@@ -51,7 +54,10 @@ flags.DEFINE_integer("frames", _D.frames, "Frames of the whole video (split over
 flags.DEFINE_integer("height", _D.height, "Video height in pixels (a multiple of 64).", flag_values=F)
 flags.DEFINE_integer("width", _D.width, "Video width in pixels (a multiple of 64).", flag_values=F)
 flags.DEFINE_integer(
-  "fps", _D.fps, "Frame rate the UNet is conditioned on (VideoCrafter2 28, Video-Infinity 24).", flag_values=F
+  "fps",
+  None,
+  "Frame rate the UNet is conditioned on (VideoCrafter2 28, Video-Infinity 24; default 24, 16 for --sampler=turbo).",
+  flag_values=F,
 )
 flags.DEFINE_integer("seed", _D.seed, "Noise seed; the video does not depend on the device count.", flag_values=F)
 flags.DEFINE_integer(
@@ -85,7 +91,12 @@ flags.DEFINE_string(
   "dpmpp_sde (Video-Infinity), ddim (VideoCrafter2) or turbo (T2V-Turbo weights: one UNet call per step).",
   flag_values=F,
 )
-flags.DEFINE_integer("steps", _D.steps, "Sampling steps (DDIM may run more; see --ddim_exact_steps).", flag_values=F)
+flags.DEFINE_integer(
+  "steps",
+  None,
+  "Sampling steps (default 30; 4 for --sampler=turbo, T2V-Turbo's; DDIM may run more: --ddim_exact_steps).",
+  flag_values=F,
+)
 flags.DEFINE_float(
   "guidance",
   _D.guidance,
@@ -158,13 +169,33 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
   "num_devices", _D.num_devices, "0 = every device of every process; K = the first K local devices.", flag_values=F
 )
-flags.DEFINE_integer(
+flags.DEFINE_string(
   "frame_chunk",
   _D.frame_chunk,
-  "Frames per chunk of the UNet's per-frame layers (0 = all at once); lower it when out of memory.",
+  "Frames per chunk of the UNet's per-frame layers: auto (the largest the memory plan fits on the device), "
+  "0 (all local frames at once) or N.",
   flag_values=F,
 )
-flags.DEFINE_integer("decode_chunk", _D.decode_chunk, "Frames each device decodes at a time.", flag_values=F)
+flags.DEFINE_string(
+  "decode_chunk",
+  _D.decode_chunk,
+  "Frames each device decodes at a time: auto (the largest of 8, 4, 2, 1 that fits) or N.",
+  flag_values=F,
+)
+flags.DEFINE_float(
+  "device_memory_gib",
+  _D.device_memory_gib,
+  "GiB a device may use when less than it has (a shared card; rehearsing a smaller one); 0 = what it offers.",
+  flag_values=F,
+)
+flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Print the memory plan (and the chunks auto would choose) for these settings and devices, then exit 0: "
+  "no weights are loaded, nothing compiles.",
+  flag_values=F,
+)
+flags.DEFINE_bool("verbose", False, "Show XLA's and absl's log lines (quiet by default).", flag_values=F)
 flags.DEFINE_string(
   "compilation_cache_dir",
   _D.compilation_cache_dir,
@@ -328,6 +359,9 @@ def config_from_flags() -> GenerationConfig:
       raise ValueError(f"invalid settings:\n  - {err}") from None
   fields = {f.name for f in dataclasses.fields(GenerationConfig)} - {"prompts"}
   values = {name: F[name].value for name in fields}
+  for name in ("frame_chunk", "decode_chunk"):  # 'auto' or an integer (anything else: validate names it)
+    v = str(values[name]).strip()
+    values[name] = int(v) if v.lstrip("-").isdigit() else ("auto" if v.lower() == "auto" else v)
   for name in _PATH_FLAGS:
     values[name] = os.path.expanduser(values[name]) if values[name] else values[name]
   return GenerationConfig(prompts=tuple(prompts), **values)
@@ -348,32 +382,81 @@ def _init_distributed() -> None:
     jax.distributed.initialize()
 
 
+def quiet_logs(verbose: bool) -> None:
+  """XLA's C++ log lines (the allocator's and autotuner's walls around an out-of-memory) and JAX's and absl's
+  warnings stay out of the terminal unless ``verbose``: each failure is reported in one line of ours."""
+  import logging as py_logging
+
+  if verbose:
+    logging.set_verbosity(logging.INFO)
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # read by XLA when it first logs: before any device use
+  logging.set_verbosity(logging.ERROR)
+  py_logging.getLogger("jax").setLevel(py_logging.ERROR)
+
+
 def main(argv: list[str]) -> None:
-  logging.set_verbosity(logging.WARNING)  # absl's app would show JAX's INFO lines (backend probing)
+  quiet_logs(F.verbose if F.is_parsed() else False)
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)", file=sys.stderr)
     sys.exit(2)
   from vinf_jax import pipeline, video_io
+  from vinf_jax.pipeline import interrupts
 
   bad = check_cli_flags()
   if bad:
     print("error: invalid settings:\n  - " + "\n  - ".join(bad), file=sys.stderr)
     sys.exit(2)
   _init_distributed()  # before anything touches a device (validation counts them)
-  try:
-    cfg = config_from_flags()
-    pipeline.validate(cfg)
-  except ValueError as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    pipeline.generate(cfg)
-  except (ValueError, FileNotFoundError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-  except (FloatingPointError, video_io.WriteError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  with interrupts.handled():  # after it: jax.distributed sets a SIGTERM handler of its own
+    try:
+      cfg = config_from_flags()
+      plan = pipeline.validate(cfg)
+    except ValueError as err:
+      print(f"error: {err}", file=sys.stderr)
+      sys.exit(2)
+    if F.dry_run:
+      print(dry_run_report(cfg, plan))
+      return
+    try:
+      pipeline.generate(cfg)
+    except pipeline.Interrupted as err:
+      print(
+        f"stopped: {err}; {'to continue' if err.state_dir else 'to start again'}: {again(err.state_dir)}",
+        file=sys.stderr,
+      )
+      sys.exit(err.exit_code)
+    except (ValueError, FileNotFoundError) as err:
+      print(f"error: {err}", file=sys.stderr)
+      sys.exit(2)
+    except (FloatingPointError, video_io.WriteError, pipeline.OutOfMemory) as err:
+      print(f"error: {err}", file=sys.stderr)
+      sys.exit(1)
+
+
+def again(resume: str | None) -> str:
+  """This command again (``--resume=RESUME`` added, a ``--resume=`` before it dropped), for the line a stop prints."""
+  args = [a for a in sys.argv[1:] if not (resume and a.startswith("--resume="))]
+  return shlex.join(["python", "-m", "vinf_jax.sample", *args, *([f"--resume={resume}"] if resume else [])])
+
+
+def dry_run_report(cfg: GenerationConfig, plan) -> str:
+  """What --dry_run prints: the run, the memory plan (per device) and the chunks ``auto`` chose."""
+  m = plan.memory
+  g = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+  lim = f"{g(m.limit)} ({m.limit_source})" if m.limit is not None else "unknown (no memory statistics)"
+  return "\n".join(
+    [
+      f"dry run: {cfg.frames} frames at {cfg.height}x{cfg.width}, {plan.model.name} in {plan.dtype}, "
+      f"{cfg.sampler} {cfg.steps} steps, over {plan.num_devices} device(s): {m.frames_per_device} frames each",
+      f"  frame_chunk {m.frame_chunk}{' (auto)' if cfg.frame_chunk == 'auto' else ''}, decode_chunk "
+      f"{m.decode_chunk}{' (auto)' if cfg.decode_chunk == 'auto' else ''}",
+      f"  weights {g(m.weights)}, latents and text {g(m.state)}, step temporaries {g(m.step_temp)}, "
+      f"decode temporaries and frames {g(m.decode_temp)}",
+      f"  peak {g(m.peak)} per device (step {g(m.step_peak)}, decode {g(m.decode_peak)}); the device offers {lim}",
+      "fits: nothing was loaded or compiled (run without --dry_run to make the video)",
+    ]
+  )
 
 
 def run() -> None:

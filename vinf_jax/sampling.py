@@ -61,6 +61,7 @@ SAMPLERS = ("ddim", "dpmpp_sde", "turbo")
 GUIDED = ("ddim", "dpmpp_sde")  # classifier-free guidance: two UNet branches per step
 TURBO_ORIGINS = (50, 200)  # T2V-Turbo's training grid (v1) and the grid of v2 and the current demo
 TURBO_GUIDANCE = 7.5  # T2V-Turbo's default embedded w
+TURBO_STEPS, TURBO_FPS = 4, 16  # T2V-Turbo's (VC2) predict script: 4 steps on the 50-step grid, fps 16
 TURBO_TIMESTEP_SCALING = 10.0  # the consistency boundary condition's time scale (LCM's timestep_scaling)
 TURBO_SIGMA_DATA = 0.5
 

@@ -93,6 +93,15 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
   return [texts] if isinstance(texts, str) else list(texts)
 
 
+def truncation(tok, texts: str | Sequence[str]) -> list[tuple[int, int]] | None:
+  """Per text, ``(tokens, dropped)``: its ids between SOT and EOT, and how many of them :func:`_pack` cuts off
+  to fit ``tok.context_length`` (the last ones; 0 when it fits). None for a tokenizer without ``encode``."""
+  if not hasattr(tok, "encode"):
+    return None
+  room = tok.context_length - 2
+  return [(len(ids), max(0, len(ids) - room)) for ids in tok.encode(texts)]
+
+
 # --------------------------------------------------------------------------------------------------
 # Vocabulary files
 
@@ -231,6 +240,10 @@ class ByteTokenizer:
   def __init__(self, context_length: int = CONTEXT_LENGTH):
     self.context_length = context_length
 
+  def encode(self, texts: str | Sequence[str]) -> list[list[int]]:
+    """Byte ids per prompt, without SOT/EOT, padding or truncation."""
+    return [[1 + b for b in clean(t).encode("utf-8")] for t in _as_list(texts)]
+
   def __call__(self, texts: Sequence[str]) -> np.ndarray:
     """``[B, context_length]`` int32 ids in ``[1, 256]`` between SOT and EOT, zero-padded."""
-    return _pack([[1 + b for b in clean(t).encode("utf-8")] for t in _as_list(texts)], self.context_length)
+    return _pack(self.encode(texts), self.context_length)

@@ -20,16 +20,20 @@ One call, :func:`generate`, runs the whole job from a frozen :class:`GenerationC
     write     video, JSON sidecar, latents renamed into place together; on a failed   outputs.py
               write the sampled state is rescued
 
+    SIGTERM / SIGINT inside ``interrupts.handled()`` (the command line): any          interrupts.py
+              stage stops, with the sampled state saved where ``resume`` finds it
+
 The split is by job: a change to how states are saved touches ``state.py`` only, a new stage is a new
 function in ``run.py`` and its module. Everything a user of the library needs is importable from here.
 """
 
 from vinf_jax import video_io  # noqa: F401 -- the app reaches the outputs' helpers through here
+from vinf_jax.pipeline.interrupts import Interrupted
 from vinf_jax.pipeline.models import Models, host_device, load_models, random_model
 from vinf_jax.pipeline.programs import Programs, make_decoder, use_compilation_cache, will_compile
 from vinf_jax.pipeline.progress import StepInfo
 from vinf_jax.pipeline.prompts import encode_prompts, frame_contexts, prompt_weights
-from vinf_jax.pipeline.run import Cancelled, GenerationResult, Run, generate
+from vinf_jax.pipeline.run import Cancelled, GenerationResult, OutOfMemory, Run, generate
 from vinf_jax.pipeline.settings import DTYPES, SEED_RANGE, GenerationConfig, Resolved, validate
 from vinf_jax.pipeline.state import STATE_CHECKSUMS, STATE_META, STATE_PREFIX
 
@@ -42,7 +46,9 @@ __all__ = [
   "Cancelled",
   "GenerationConfig",
   "GenerationResult",
+  "Interrupted",
   "Models",
+  "OutOfMemory",
   "Programs",
   "Resolved",
   "Run",

@@ -19,12 +19,16 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from vinf_jax import sampling, video_io
+from vinf_jax import parallel, sampling, video_io
 from vinf_jax.config import ModelConfig
+from vinf_jax.pipeline import interrupts
 from vinf_jax.pipeline import state as state_lib
 
 if TYPE_CHECKING:
   from vinf_jax.pipeline.settings import GenerationConfig
+
+
+RESCUE_PREFIX = "vinf_jax-rescue-"
 
 
 def one_run_per_output(fn):
@@ -80,7 +84,8 @@ def write_outputs(
   }
   if jax.process_index() == 0:
     try:
-      with video_io.AtomicFiles() as files:
+      # a signal stops the writes at once (their partial files removed), not the renames into place after them
+      with video_io.AtomicFiles() as files, interrupts.at_once():
         if cfg.save_latents:
           video_io.write_npy(cfg.save_latents, latents, files=files)
         if cfg.output:
@@ -90,6 +95,8 @@ def write_outputs(
         if cfg.output:
           video_io.write_json(video_io.sidecar_path(cfg.output), sidecar, files=files)
     except video_io.WriteError as err:
+      if interrupts.pending() and jax.process_count() == 1:  # Ctrl-C reaches ffmpeg too: its write fails
+        raise interrupts.Stop(interrupts.pending()) from err
       failed = err
   if not from_process0(failed is not None):
     timings.setdefault("write", time.perf_counter() - t)
@@ -99,41 +106,58 @@ def write_outputs(
   raise video_io.WriteError(f"{what}; the files already there are unchanged; {rescue(cfg, state, latents)}")
 
 
-def rescue(cfg: GenerationConfig, state: sampling.SamplerState, latents: np.ndarray) -> str:
+def rescue(cfg: GenerationConfig, state: sampling.SamplerState, latents: np.ndarray | None = None) -> str:
   """Save what a run computed when its outputs could not be written; returns where, as advice.
 
-  The final sampler state goes to ``state_dir`` (or ``resume``) when given, else to a new directory under
-  the system's temporary directory, as a state that ``resume`` turns into the video without sampling again.
-  Several processes without a ``state_dir`` (each host its own temporary directory) get the latents as a
-  ``.npy`` on process 0 instead.
+  The final sampler state goes where :func:`save_resumable` puts it, as a state that ``resume`` turns into
+  the video without sampling again. Several processes without a ``state_dir`` (each host its own temporary
+  directory) get the latents as a ``.npy`` on process 0 instead.
   """
+  where, why = save_resumable(cfg, state)
+  if where:
+    return (
+      f"the sampled latents are saved as a state in {where}: run the same command with --resume={where} and "
+      "an --output where there is room (it only decodes and writes)"
+    )
+  if cfg.state_dir or cfg.resume or jax.process_count() == 1:
+    return f"saving the sampled state failed too ({why})"
+  if jax.process_index() != 0:
+    return "process 0 saved the latents"
+  path = rescue_dir(cfg) + ".npy"
+  try:
+    video_io.write_npy(path, latents if latents is not None else parallel.gather_to_host(state.x))
+  except video_io.WriteError as err:
+    return f"saving the latents failed too ({err})"
+  return f"the final latents (float32 [1, frames, h/8, w/8, 4], scale_factor * z) are saved in {path} on process 0"
+
+
+def rescue_dir(cfg: GenerationConfig) -> str:
+  """A new directory's path under the system's temporary directory, the same on every process (a collective)."""
   import tempfile
 
   stem = os.path.splitext(os.path.basename((cfg.output or cfg.save_latents or "video").rstrip("/")))[0]
   token = from_process0(int.from_bytes(os.urandom(3), "little"))  # < 2**24: an int32 when broadcast
-  temp = os.path.join(tempfile.gettempdir(), f"vinf_jax-rescue-{stem}-{token:06x}")
+  return os.path.join(tempfile.gettempdir(), f"{RESCUE_PREFIX}{stem}-{token:06x}")
+
+
+def save_resumable(cfg: GenerationConfig, state: sampling.SamplerState) -> tuple[str | None, str]:
+  """Save ``state`` where ``resume`` finds it: ``state_dir`` (or ``resume``), else, or when that save fails,
+  a new directory under the system's temporary directory (one process only: several need a shared
+  ``state_dir``). Returns (the directory, "") or (None, why not). A state of this step already saved and
+  complete in ``state_dir`` is not saved again."""
   state_dir = cfg.state_dir or cfg.resume
-  if state_dir or jax.process_count() == 1:
-    failures = []
-    for where in [state_dir] * bool(state_dir) + [temp] * (jax.process_count() == 1):
-      try:
-        state_lib.save_state(where, state, cfg)
-      except video_io.WriteError as err:
-        failures.append(str(err))
-        continue
-      return (
-        f"the sampled latents are saved as a state in {where}: run the same command with --resume={where} and "
-        "an --output where there is room (it only decodes and writes)"
-      )
-    return f"saving the sampled state failed too ({'; '.join(failures)})"
-  if jax.process_index() != 0:
-    return "process 0 saved the latents"
-  path = temp + ".npy"
-  try:
-    video_io.write_npy(path, latents)
-  except video_io.WriteError as err:
-    return f"saving the latents failed too ({err})"
-  return f"the final latents (float32 [1, frames, h/8, w/8, 4], scale_factor * z) are saved in {path} on process 0"
+  temp = rescue_dir(cfg)
+  if state_dir and from_process0(state_lib.is_saved(state_dir, int(np.asarray(state.i)))):
+    return state_dir, ""
+  failures = []
+  for where in [state_dir] * bool(state_dir) + [temp] * (jax.process_count() == 1):
+    try:
+      state_lib.save_state(where, state, cfg)
+    except video_io.WriteError as err:
+      failures.append(str(err))
+      continue
+    return where, ""
+  return None, "; ".join(failures) or "several processes need a --state_dir to save the state in"
 
 
 def make_sidecar(cfg: GenerationConfig, plan, model: ModelConfig, num_devices: int, timings: dict) -> dict:
@@ -145,7 +169,9 @@ def make_sidecar(cfg: GenerationConfig, plan, model: ModelConfig, num_devices: i
     "seed": cfg.seed,
     "settings": dataclasses.asdict(cfg)
     | {"dtype": plan.dtype, "model": model.name, "num_devices": num_devices, "guidance": cfg.resolved_guidance()}
-    | {k: getattr(temporal, k) for k in ("global_phase_from", "local_phase_below")},
+    | {k: getattr(temporal, k) for k in ("global_phase_from", "local_phase_below")}
+    | {"frame_chunk": plan.frame_chunk, "decode_chunk": plan.decode_chunk},
+    "memory": plan.memory.as_dict(),
     "model": json.loads(model.to_json()),
     "devices": {
       "count": num_devices,

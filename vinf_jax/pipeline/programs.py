@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vinf_jax import parallel
-from vinf_jax.pipeline.settings import GenerationConfig, latent_shape
+from vinf_jax.pipeline.settings import GenerationConfig, latent_shape, plan_memory
 
 if TYPE_CHECKING:
   from vinf_jax.pipeline.models import Models
@@ -64,16 +64,10 @@ class Programs:
     return self.decode
 
 
-def step_key(cfg: GenerationConfig, mesh: jax.sharding.Mesh, latent_shape, per_frame: bool) -> tuple:
-  """What the compiled guided step depends on (``generate`` keeps one step program per key)."""
-  return (
-    cfg.sampler_config(),
-    cfg.temporal_config(),
-    tuple(mesh.devices.flat),
-    latent_shape,
-    per_frame,
-    cfg.frame_chunk,
-  )
+def step_key(cfg: GenerationConfig, mesh: jax.sharding.Mesh, latent_shape, per_frame: bool, frame_chunk: int) -> tuple:
+  """What the compiled guided step depends on (``generate`` keeps one step program per key); ``frame_chunk``:
+  the value the run uses (``auto`` resolved by the memory plan)."""
+  return (cfg.sampler_config(), cfg.temporal_config(), tuple(mesh.devices.flat), latent_shape, per_frame, frame_chunk)
 
 
 def decode_key(mesh: jax.sharding.Mesh, latent_shape, chunk: int) -> tuple:
@@ -88,9 +82,10 @@ def will_compile(cfg: GenerationConfig, models: Models) -> tuple[str, ...]:
   """
   mesh = parallel.make_mesh(cfg.num_devices or None)
   shape = latent_shape(cfg, models.config)
+  mem = plan_memory(cfg, models.config, mesh.size)
   kept = models.programs
-  step = kept.step_key != step_key(cfg, mesh, shape, len(cfg.prompts) > 1) or kept.step is None
-  decode = kept.decode_key != decode_key(mesh, shape, cfg.decode_chunk)
+  step = kept.step_key != step_key(cfg, mesh, shape, len(cfg.prompts) > 1, mem.frame_chunk) or kept.step is None
+  decode = kept.decode_key != decode_key(mesh, shape, mem.decode_chunk)
   return (("step",) if step else ()) + (("decode",) if decode else ())
 
 

@@ -57,6 +57,33 @@ def encode_prompts(text_encoder, tokenize, prompts: list[str]) -> np.ndarray:
   return np.asarray(_apply_text_encoder(graphdef, params, tokens), np.float32)
 
 
+def truncated(tokenize, prompts: list[str], negative_prompt: str) -> list[dict]:
+  """The prompts the text encoder reads only in part (its context holds 77 ids with the start and end):
+  ``[{"prompt": i, "tokens": n, "kept": k, "dropped": n - k}]``, ``i`` the index in ``prompts`` or
+  ``"negative_prompt"``; empty when all fit (or ``tokenize`` cannot count its tokens)."""
+  from vinf_jax import tokenizer
+
+  counts = tokenizer.truncation(tokenize, list(prompts) + [negative_prompt]) or []
+  which = [*range(len(prompts)), "negative_prompt"]
+  return [
+    {"prompt": w, "tokens": n, "kept": n - d, "dropped": d} for w, (n, d) in zip(which, counts, strict=False) if d
+  ]
+
+
+def truncation_warning(cut: list[dict], num_prompts: int) -> str:
+  """One line for :func:`truncated`'s list: which prompts were cut, and how many tokens each lost."""
+
+  def name(c: dict) -> str:
+    return "the negative prompt" if c["prompt"] == "negative_prompt" else f"prompt {c['prompt'] + 1} of {num_prompts}"
+
+  parts = [f"{name(c)} has {c['tokens']} tokens (the last {c['dropped']} dropped)" for c in cut]
+  keep = cut[0]["kept"]
+  return (
+    f"warning: the text encoder reads the first {keep} tokens of a prompt ({keep + 2} with its start and end) and "
+    f"drops the rest: {'; '.join(parts)}; shorten them to keep every word"
+  )
+
+
 def frame_contexts(emb: np.ndarray, weights: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
   """``[1, N, 77, C]`` per-frame text, split over the mesh; each shard is computed where it lives."""
   n = weights.shape[0]

@@ -7,7 +7,9 @@ the mesh, the timings) and add to it; the app, the benchmarks and the notebook c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 
@@ -16,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vinf_jax import parallel, sampling, video_io
+from vinf_jax.pipeline import interrupts, outputs, programs, prompts
+from vinf_jax.pipeline import memory as memory_lib
 from vinf_jax.pipeline import models as models_lib
-from vinf_jax.pipeline import outputs, programs, prompts
 from vinf_jax.pipeline import state as state_lib
 from vinf_jax.pipeline.progress import StepInfo, log0, step_line
 from vinf_jax.pipeline.settings import GenerationConfig, Resolved, latent_shape, validate
@@ -47,6 +50,71 @@ class GenerationResult:
 
 class Cancelled(RuntimeError):
   """:func:`generate` stopped because its ``should_stop()`` returned True; nothing was written."""
+
+
+class OutOfMemory(RuntimeError):
+  """A stage ran out of device memory (the memory plan was short); its one-line message names the stage,
+  what the plan expected and what to lower, and where the sampled state went when there was one."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+  """XLA's out-of-memory errors (compile, autotuning, a step, the decode): RESOURCE_EXHAUSTED."""
+  msg = str(err)
+  return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in msg or "Out of memory" in msg)
+
+
+@contextlib.contextmanager
+def out_of_memory(run: Run, stage: str, state: Callable[[], sampling.SamplerState] | None = None):
+  """Turn an out-of-memory error inside the block into :class:`OutOfMemory`; with ``state`` (the newest
+  sampler state, when the error comes) save it as a resumable state first, as after a failed write. A step
+  donates its input state: when the step itself fails, that state may be gone with it (then the message says
+  so; ``save_state_every`` keeps earlier ones)."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as err:
+    if not is_out_of_memory(err):
+      raise
+    mem, g = run.plan.memory, lambda b: f"{b / memory_lib.GiB:.2f} GiB"
+    where = f" of the {g(mem.limit)} a device offers ({mem.limit_source})" if mem.limit else ""
+    saved = ""
+    if state is not None:
+      try:
+        saved = "; " + outputs.rescue(run.cfg, state(), None)
+      except Exception as save_err:  # noqa: BLE001 -- a donated state may be gone with the failed step
+        saved = f"; the sampled state could not be saved ({video_io.one_line(save_err)})"
+    raise OutOfMemory(
+      f"out of device memory while {stage}: the memory plan expected a peak of {g(mem.peak)} per device{where} "
+      f"(frame_chunk {mem.frame_chunk}, decode_chunk {mem.decode_chunk}); lower --frame_chunk / --decode_chunk, "
+      f"spread the frames over more devices, or pass --device_memory_gib below what the device has so the plan "
+      f"leaves more room{saved}"
+    ) from None
+
+
+@contextlib.contextmanager
+def stopping(run: Run, when: str, state: Callable[[], sampling.SamplerState] | None = None, *, at_once: bool = True):
+  """A signal's :class:`.interrupts.Stop` inside the block (at once where ``at_once``, else from an inner
+  :func:`.interrupts.at_once`) -> :class:`.interrupts.Interrupted`, with ``state()`` saved first when given."""
+  try:
+    with interrupts.at_once() if at_once else contextlib.nullcontext():
+      yield
+  except interrupts.Stop as stop:
+    raise interrupted(run, stop.signum, when, state() if state is not None else None) from None
+
+
+def interrupted(run: Run, signum: int, when: str, state: sampling.SamplerState | None) -> interrupts.Interrupted:
+  """The :class:`.interrupts.Interrupted` of a signal that came ``when``: with a sampler state, that state is
+  saved first where ``resume`` finds it (:func:`.outputs.save_resumable`); the exception's ``state_dir`` is
+  what ``resume`` continues from."""
+  cfg, sig = run.cfg, interrupts.name(signum)
+  if state is None and cfg.resume:
+    return interrupts.Interrupted(f"stopped by {sig} {when}; {cfg.resume} keeps its state", signum, cfg.resume)
+  if state is None:
+    return interrupts.Interrupted(f"stopped by {sig} {when}, before sampling: nothing to save", signum)
+  where, why = outputs.save_resumable(cfg, state)
+  if where is None:
+    return interrupts.Interrupted(f"stopped by {sig} {when}; the state could not be saved: {why}", signum)
+  step = int(np.asarray(state.i))
+  return interrupts.Interrupted(f"stopped by {sig} {when}; the state of step {step} is saved in {where}", signum, where)
 
 
 @dataclasses.dataclass
@@ -86,6 +154,7 @@ class Text:
   ctx_c: jax.Array
   ctx_u: jax.Array
   per_frame: bool
+  truncated: list = dataclasses.field(default_factory=list)  # prompts.truncated(): the sidecar's prompts_truncated
 
 
 @dataclasses.dataclass
@@ -128,13 +197,18 @@ def generate(
       that stopped alone would leave the others waiting in the step's collectives).
   """
   run = prepare(cfg, log)
-  load(run, models)
-  text = encode(run)
-  smp = compile_step(run, text)
+  with stopping(run, "while loading the models"):
+    load(run, models)
+    text = encode(run)
+  with stopping(run, "while compiling the step"):
+    smp = compile_step(run, text)
   sidecar = outputs.make_sidecar(cfg, run.plan, run.models.config, run.num_devices, run.timings)
+  if text.truncated:
+    sidecar["prompts_truncated"] = text.truncated
   if cfg.compile_only:
     t = time.perf_counter()
-    programs.decoder(run.models, run.mesh, run.latent_shape, cfg.decode_chunk, smp.state.x)
+    with out_of_memory(run, "compiling the decoder"), stopping(run, "while compiling the decoder"):
+      programs.decoder(run.models, run.mesh, run.latent_shape, run.plan.decode_chunk, smp.state.x)
     run.timings["decode_compile"] = time.perf_counter() - t
     run.timings["total"] = time.perf_counter() - run.t_start
     log(f"compiled the decoder in {run.timings['decode_compile']:.1f} s; compile_only: stopping before the first step")
@@ -148,9 +222,28 @@ def generate(
     return GenerationResult(None, None, None, sidecar, end, smp.num_steps)
   if should_stop is not None and should_stop():
     raise Cancelled(f"cancelled after step {end}/{smp.num_steps}, before decoding; nothing was written")
-  frames, latents = decode(run, state)
-  out = write(run, frames, latents, sidecar, state, end - smp.start)
+  if signum := interrupts.requested():
+    raise interrupted(run, signum, "before decoding", state)
+  with stopping(run, "while decoding", lambda: state):
+    frames, latents = decode(run, state)
+  if signum := interrupts.requested():
+    raise interrupted(run, signum, "before writing", state)
+  with stopping(run, "while writing (nothing was written)", lambda: state, at_once=False):
+    out = write(run, frames, latents, sidecar, state, end - smp.start)
+  clean_states(run)
   return GenerationResult(frames, latents, out, sidecar, end, smp.num_steps)
+
+
+def clean_states(run: Run) -> None:
+  """After the outputs were written: the saved states that led to them (``state_dir``, ``resume``) are stale;
+  remove them (:func:`.state.remove_states`). A run that writes no file keeps them (they are all it made)."""
+  cfg = run.cfg
+  if not (cfg.output or cfg.save_latents):
+    return
+  for d in dict.fromkeys(d for d in (cfg.state_dir, cfg.resume) if d):
+    if os.path.isdir(d):
+      state_lib.remove_states(d)
+      run.log(f"removed the saved states in {d} (the video they lead to is written)")
 
 
 def prepare(cfg: GenerationConfig, log: Callable[[str], None] = log0) -> Run:
@@ -162,12 +255,13 @@ def prepare(cfg: GenerationConfig, log: Callable[[str], None] = log0) -> Run:
     programs.use_compilation_cache(cfg.compilation_cache_dir)
   run = Run(cfg, plan, parallel.make_mesh(cfg.num_devices or None), log, t_start=t_start)
   if cfg.resume:
-    run.resumed = state_lib.restore_state(cfg.resume, run.mesh, run.latent_shape, log)
+    run.resumed = state_lib.restore_state(cfg.resume, run.mesh, run.latent_shape, log, state_lib.fingerprint(cfg))
   log(
     f"{cfg.frames} frames at {cfg.height}x{cfg.width} over {run.num_devices} device(s) "
     f"({jax.process_count()} process(es), {jax.devices()[0].device_kind}), dtype {plan.dtype}, "
     f"{cfg.sampler} {cfg.steps} steps, guidance {cfg.resolved_guidance():g}, {cfg.attention} attention"
   )
+  log(plan.memory.describe())
   return run
 
 
@@ -187,6 +281,9 @@ def encode(run: Run) -> Text:
   """Encode the prompts and the negative prompt once; lay out each frame's text (one prompt: replicated)."""
   t = time.perf_counter()
   cfg, mesh, m = run.cfg, run.mesh, run.models
+  cut = prompts.truncated(m.tokenize, list(cfg.prompts), cfg.negative_prompt)
+  if cut:
+    run.log(prompts.truncation_warning(cut, len(cfg.prompts)))
   emb = prompts.encode_prompts(m.text_encoder, m.tokenize, list(cfg.prompts) + [cfg.negative_prompt])
   emb_c, emb_u = emb[:-1], emb[-1:]  # [P, 77, C], [1, 77, C]
   per_frame = len(cfg.prompts) > 1
@@ -197,7 +294,7 @@ def encode(run: Run) -> Text:
   else:
     ctx_c, ctx_u = parallel.replicate(emb_c, mesh), parallel.replicate(emb_u, mesh)
   run.timings["encode"] = time.perf_counter() - t
-  return Text(ctx_c, ctx_u, per_frame)
+  return Text(ctx_c, ctx_u, per_frame, cut)
 
 
 def compile_step(run: Run, text: Text) -> Sampler:
@@ -207,14 +304,14 @@ def compile_step(run: Run, text: Text) -> Sampler:
   splan = sampling.make_plan(cfg.sampler_config())
 
   def make():
-    kw = {"frame_chunk": cfg.frame_chunk} if cfg.frame_chunk else {}
+    kw = {"frame_chunk": run.plan.frame_chunk} if run.plan.frame_chunk else {}
     temporal = cfg.temporal_config()
     return parallel.make_denoiser(
       run.models.unet, splan, temporal, mesh, latent_shape=shape, context_per_frame=text.per_frame, **kw
     )
 
   kept = run.models.programs
-  den = kept.denoiser_for(programs.step_key(cfg, mesh, shape, text.per_frame), make)
+  den = kept.denoiser_for(programs.step_key(cfg, mesh, shape, text.per_frame, run.plan.frame_chunk), make)
   fps = parallel.replicate(np.array([cfg.fps], np.int32), mesh)
   seed = parallel.replicate(np.int32(cfg.seed), mesh)
   if run.resumed is not None:
@@ -225,7 +322,8 @@ def compile_step(run: Run, text: Text) -> Sampler:
   t = time.perf_counter()
   if kept.step is None:
     args = (den.params, state, text.ctx_c, text.ctx_u, fps, seed)
-    kept.step = den.step.lower(*args).compile(parallel.compiler_options(run.num_devices))
+    with out_of_memory(run, "compiling the step"):
+      kept.step = den.step.lower(*args).compile(parallel.compiler_options(run.num_devices))
   run.timings["compile"] = time.perf_counter() - t
   tm = run.timings
   run.log(
@@ -257,9 +355,13 @@ def sample(
   for i in range(start, end):
     if should_stop is not None and should_stop():
       raise Cancelled(f"cancelled before step {i + 1}/{n}; nothing was written")
+    if signum := interrupts.requested():  # the state of step i is whole (step 0: nothing sampled yet)
+      raise interrupted(run, signum, f"after step {i}/{n}", state if i > 0 else None)
     ts = int(smp.splan.timesteps[i])
-    state = smp.step(smp.den.params, state, text.ctx_c, text.ctx_u, smp.fps, smp.seed)
-    if not bool(_all_finite(state.x)):  # waits for the step; a NaN would only spread from here
+    with out_of_memory(run, f"sampling step {i + 1}/{n}", lambda: state):  # noqa: B023 -- the newest, on purpose
+      state = smp.step(smp.den.params, state, text.ctx_c, text.ctx_u, smp.fps, smp.seed)
+      finite = bool(_all_finite(state.x))  # waits for the step; a NaN would only spread from here
+    if not finite:
       raise FloatingPointError(
         f"the latents hold NaN or inf after step {i + 1}/{n} (timestep {ts}); nothing was written. "
         + nan_advice(cfg, run.plan)
@@ -284,11 +386,13 @@ def decode(run: Run, state: sampling.SamplerState) -> tuple[np.ndarray, np.ndarr
   host: uint8 frames ``[N, H, W, 3]`` and the float32 latents."""
   cfg = run.cfg
   t = time.perf_counter()
-  vae_params, decode_c = programs.decoder(run.models, run.mesh, run.latent_shape, cfg.decode_chunk, state.x)
+  with out_of_memory(run, "compiling the decoder", lambda: state):
+    vae_params, decode_c = programs.decoder(run.models, run.mesh, run.latent_shape, run.plan.decode_chunk, state.x)
   run.timings["decode_compile"] = time.perf_counter() - t
   t = time.perf_counter()
-  video = decode_c(vae_params, state.x)
-  frames = parallel.gather_to_host(video)[0]  # [N, H, W, 3] uint8
+  with out_of_memory(run, "decoding", lambda: state):
+    video = decode_c(vae_params, state.x)
+    frames = parallel.gather_to_host(video)[0]  # [N, H, W, 3] uint8
   latents = parallel.gather_to_host(state.x)
   run.timings["decode"] = time.perf_counter() - t
   tm = run.timings

@@ -18,9 +18,11 @@ import numpy as np
 
 from vinf_jax import checkpoint, parallel, sampling, video_io
 from vinf_jax.config import PRESETS, ModelConfig, TemporalConfig, preset
+from vinf_jax.pipeline import memory as memory_lib
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SEED_RANGE = (-(2**31), 2**31 - 1)
+GUIDED_FPS = 24  # Video-Infinity's
 _SAMPLER, _TEMPORAL = sampling.SamplerConfig(), TemporalConfig()
 
 
@@ -40,9 +42,10 @@ class GenerationConfig:
     frames: frames of the whole video.
     height, width: video size in pixels (multiples of the VAE x UNet downsampling, 64).
     fps: the frame rate the UNet is conditioned on (VideoCrafter2: 28 for its 16 frames; Video-Infinity 24).
+      None: the sampler's default (24; 'turbo': 16, T2V-Turbo's).
     seed: noise seed; the video depends only on it and the settings, not on the device count.
     sampler: 'dpmpp_sde', 'ddim' or 'turbo' (T2V-Turbo weights). steps, eta, ddim_exact_steps, turbo_origin,
-      motion_scale, motion_cutoff: see SamplerConfig.
+      motion_scale, motion_cutoff: see SamplerConfig; steps None: the sampler's default (30; 'turbo': 4).
     guidance: see SamplerConfig; None: 12 for the guided samplers, 7.5 (the embedded w) for 'turbo'.
     attention, window, num_global, global_phase_from, local_phase_below, global_bias, local_bias,
       video_ends, global_frames, group_norm, query_block: see TemporalConfig.
@@ -51,8 +54,11 @@ class GenerationConfig:
       0: the timestep thresholds global_phase_from / local_phase_below (the paper's rule).
     dtype: 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16' or 'float16'.
     num_devices: 0 = every device of every process; K = the first K local devices (one process).
-    frame_chunk: frames per chunk of the UNet's per-frame layers (0 = all local frames at once).
-    decode_chunk: frames each device decodes at a time.
+    frame_chunk: frames per chunk of the UNet's per-frame layers (0 = all local frames at once; 'auto': the
+      largest that fits the device's memory by the memory plan, :mod:`vinf_jax.pipeline.memory`).
+    decode_chunk: frames each device decodes at a time ('auto': the largest of 8, 4, 2, 1 that fits).
+    device_memory_gib: the memory a device may use, when less than it has (a shared card, or to rehearse a
+      smaller one); 0: what the device offers.
     export_fps: frame rate of the written video.
     prompt_transition: frames over which the text embedding blends into the next prompt (0 = cut).
     save_latents: also write the final latents to this ``.npy`` path.
@@ -74,11 +80,11 @@ class GenerationConfig:
   frames: int = 16
   height: int = 320
   width: int = 512
-  fps: int = 24
+  fps: int | None = None
   seed: int = 0
   # The sampler's and the temporal options' own defaults, flattened (attention: Video-Infinity's dual scope).
   sampler: str = _SAMPLER.name
-  steps: int = _SAMPLER.steps
+  steps: int | None = None
   guidance: float | None = None
   eta: float = _SAMPLER.eta
   ddim_exact_steps: bool = _SAMPLER.ddim_exact_steps
@@ -99,8 +105,9 @@ class GenerationConfig:
   global_phase_steps: int = 0
   dtype: str = "auto"
   num_devices: int = 0
-  frame_chunk: int = 0
-  decode_chunk: int = 4
+  frame_chunk: int | str = "auto"
+  decode_chunk: int | str = "auto"
+  device_memory_gib: float = 0.0
   export_fps: float = 8.0
   prompt_transition: int = 0
   save_latents: str = ""
@@ -110,6 +117,14 @@ class GenerationConfig:
   stop_after: int = 0
   compilation_cache_dir: str = ""
   compile_only: bool = False
+
+  def __post_init__(self):
+    # None: the sampler's own defaults (T2V-Turbo's 4 steps at fps 16; the guided samplers' 30 at fps 24)
+    turbo = self.sampler == "turbo"
+    if self.steps is None:
+      object.__setattr__(self, "steps", sampling.TURBO_STEPS if turbo else _SAMPLER.steps)
+    if self.fps is None:
+      object.__setattr__(self, "fps", sampling.TURBO_FPS if turbo else GUIDED_FPS)
 
   def resolved_guidance(self) -> float:
     if self.guidance is not None:
@@ -145,12 +160,41 @@ class GenerationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:
-  """What validation resolved: the model config, the device count, where weights come from."""
+  """What validation resolved: the model config, the device count, where weights come from, and the memory
+  plan with the chunks it chose (``frame_chunk``, ``decode_chunk``: the values the run uses)."""
 
   model: ModelConfig
   num_devices: int
   dtype: str
   tokenizer_dir: str | None
+  memory: memory_lib.MemoryPlan | None = None
+
+  @property
+  def frame_chunk(self) -> int:
+    return self.memory.frame_chunk
+
+  @property
+  def decode_chunk(self) -> int:
+    return self.memory.decode_chunk
+
+
+def _memory_inputs(cfg: GenerationConfig, model: ModelConfig, num_devices: int) -> dict:
+  return dict(
+    model=model.with_dtype(cfg.resolved_dtype()),
+    frames=cfg.frames,
+    num_devices=num_devices,
+    height=cfg.height,
+    width=cfg.width,
+    guided=cfg.sampler != "turbo",
+    prompts=len(cfg.prompts),
+  )
+
+
+def plan_memory(cfg: GenerationConfig, model: ModelConfig, num_devices: int) -> memory_lib.MemoryPlan:
+  """The memory plan of valid settings on ``num_devices`` devices, ``auto`` chunks chosen for the device."""
+  limit, source = memory_lib.device_limit(cfg.device_memory_gib)
+  kw = _memory_inputs(cfg, model, num_devices)
+  return memory_lib.choose(frame_chunk=cfg.frame_chunk, decode_chunk=cfg.decode_chunk, limit=limit, source=source, **kw)
 
 
 def latent_shape(cfg: GenerationConfig, model: ModelConfig) -> tuple[int, int, int, int, int]:
@@ -194,8 +238,12 @@ def validate(cfg: GenerationConfig) -> Resolved:
       e.append(str(err))
   if e:
     raise ValueError("invalid settings:\n  - " + "\n  - ".join(e))
+  mem = plan_memory(cfg, model, num_devices)
+  refusal = memory_lib.check_fits(mem, **_memory_inputs(cfg, model, num_devices))
+  if refusal:
+    raise ValueError(f"invalid settings:\n  - {refusal}")
   tok = os.path.join(cfg.weights, "tokenizer") if cfg.weights else None
-  return Resolved(model=model, num_devices=num_devices, dtype=cfg.resolved_dtype(), tokenizer_dir=tok)
+  return Resolved(model=model, num_devices=num_devices, dtype=cfg.resolved_dtype(), tokenizer_dir=tok, memory=mem)
 
 
 def _listed(err: ValueError) -> list[str]:
@@ -270,12 +318,18 @@ def _check_sampler(cfg: GenerationConfig, model: ModelConfig | None, e: list[str
 
 
 def _check_counts(cfg: GenerationConfig, e: list[str]) -> None:
-  for name in ("frame_chunk", "save_state_every", "stop_after", "prompt_transition", "weights_seed"):
+  for name in ("save_state_every", "stop_after", "prompt_transition", "weights_seed"):
     v = getattr(cfg, name)
     if not (isinstance(v, int) and v >= 0):
       e.append(f"{name}={v!r}, expected an integer >= 0")
-  if not (isinstance(cfg.decode_chunk, int) and cfg.decode_chunk >= 1):
-    e.append(f"decode_chunk={cfg.decode_chunk!r}, expected an integer >= 1")
+  fc, dc = cfg.frame_chunk, cfg.decode_chunk
+  if fc != memory_lib.AUTO and not (isinstance(fc, int) and not isinstance(fc, bool) and fc >= 0):
+    e.append(f"frame_chunk={fc!r}, expected 'auto' or an integer >= 0 (0 = every local frame at once)")
+  if dc != memory_lib.AUTO and not (isinstance(dc, int) and not isinstance(dc, bool) and dc >= 1):
+    e.append(f"decode_chunk={dc!r}, expected 'auto' or an integer >= 1")
+  gib = cfg.device_memory_gib
+  if not (isinstance(gib, int | float) and not isinstance(gib, bool) and np.isfinite(gib) and gib >= 0):
+    e.append(f"device_memory_gib={gib!r}, expected a number of GiB >= 0 (0 = what the device offers)")
   if cfg.prompts and isinstance(cfg.frames, int) and cfg.frames >= 1:
     seg = cfg.frames / len(cfg.prompts)
     if seg < 1:

@@ -2,14 +2,16 @@
 
 A state directory holds ``run.json`` (the fingerprint of the settings the state depends on) and up to two
 orbax checkpoints ``step_NNNNN`` of the sampler state (``x``, ``x0``, ``i``), each with a
-``checksums.json`` (sha256 per array) written after orbax finalised it: a checkpoint without one never
-completed. :func:`restore_state` takes the newest checkpoint whose checksums hold, else the one before it.
+``checksums.json`` (sha256 per array, and of the fingerprint the arrays were made under) written after
+orbax finalised it: a checkpoint without one never completed. :func:`restore_state` takes the newest
+checkpoint whose checksums hold, else the one before it.
 :func:`check_state_dirs` is the part of :func:`vinf_jax.pipeline.validate` about ``state_dir`` and
 ``resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,6 +53,12 @@ def fingerprint(cfg: GenerationConfig) -> dict:
     d["global_phase_steps"] = cfg.global_phase_steps
   d["num_devices"] = cfg.num_devices or jax.device_count()
   return d
+
+
+def fingerprint_digest(fp: dict) -> str:
+  """sha256 of a fingerprint as JSON (keys sorted): each checkpoint's ``checksums.json`` records the one of
+  the settings its arrays were made with, so a ``run.json`` copied from another run cannot pass them off."""
+  return hashlib.sha256(json.dumps(json.loads(json.dumps(fp)), sort_keys=True).encode()).hexdigest()
 
 
 def check_state_dirs(cfg: GenerationConfig, e: list[str]) -> None:
@@ -102,6 +110,36 @@ def saved_states(state_dir: str) -> list[str]:
   return [os.path.join(state_dir, n) for n in steps]
 
 
+def is_saved(state_dir: str, step: int) -> bool:
+  """Whether ``state_dir`` holds a completed checkpoint of ``step`` (one with its checksums)."""
+  return os.path.isfile(os.path.join(state_dir, f"{STATE_PREFIX}{step:05d}", STATE_CHECKSUMS))
+
+
+def remove_stale_tmp(state_dir: str) -> list[str]:
+  """Remove orbax's unfinished checkpoints (``step_N.orbax-checkpoint-tmp*``, left by a kill during a save) from
+  ``state_dir``: the run holds the directory's lock, so no save of another run is under way there. Process 0."""
+  if jax.process_index() != 0 or not os.path.isdir(state_dir):
+    return []
+  stale = [n for n in os.listdir(state_dir) if n.startswith(STATE_PREFIX) and ".orbax-checkpoint-tmp" in n]
+  for n in stale:
+    shutil.rmtree(os.path.join(state_dir, n), ignore_errors=True)
+  return stale
+
+
+def remove_states(state_dir: str) -> None:
+  """After the video of these states was written: remove them (``run.json`` and the ``step_*`` checkpoints,
+  finished or not) and the directory when nothing else is in it; any other file stays. Process 0."""
+  if jax.process_index() != 0 or not os.path.isdir(state_dir):
+    return
+  for n in os.listdir(state_dir):
+    if n.startswith(STATE_PREFIX) and os.path.isdir(os.path.join(state_dir, n)):
+      shutil.rmtree(os.path.join(state_dir, n), ignore_errors=True)
+  with contextlib.suppress(OSError):
+    os.unlink(os.path.join(state_dir, STATE_META))
+  with contextlib.suppress(OSError):
+    os.rmdir(state_dir)  # only when empty
+
+
 def latest_state(state_dir: str) -> str | None:
   states = saved_states(state_dir)
   return states[0] if states else None
@@ -149,21 +187,26 @@ def save_state(state_dir: str, state: sampling.SamplerState, cfg: GenerationConf
   try:
     if jax.process_index() == 0:
       os.makedirs(state_dir, exist_ok=True)
+      remove_stale_tmp(state_dir)
       meta = os.path.join(state_dir, STATE_META)
       if not os.path.exists(meta):
         video_io.write_json(meta, {"fingerprint": fingerprint(cfg)})
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, arrays, force=True)
-    ckptr.wait_until_finished()
+    with quiet_orbax():  # a failed save: the WriteError below is its one line
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(path, arrays, force=True)
+      ckptr.wait_until_finished()
     if jax.process_index() == 0:
-      video_io.write_json(os.path.join(path, STATE_CHECKSUMS), {"step": i, "arrays": sums})
+      video_io.write_json(
+        os.path.join(path, STATE_CHECKSUMS),
+        {"step": i, "arrays": sums, "fingerprint": fingerprint_digest(fingerprint(cfg))},
+      )
   except Exception as err:
     if jax.process_index() == 0:
       for n in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
         if n == os.path.basename(path) or n.startswith(os.path.basename(path) + "."):  # with orbax's tmp dirs
           shutil.rmtree(os.path.join(state_dir, n), ignore_errors=True)
     raise video_io.WriteError(
-      f"could not save the state of step {i} in state_dir={state_dir!r}: {video_io.one_line(err)}"
+      f"could not save the state of step {i} in state_dir={state_dir!r}: {_os_reason(err)}"
     ) from err
   if jax.process_index() == 0:
     _keep_newest_two(state_dir, path, i)
@@ -171,10 +214,12 @@ def save_state(state_dir: str, state: sampling.SamplerState, cfg: GenerationConf
 
 
 def _keep_newest_two(state_dir: str, path: str, i: int) -> None:
-  """Keep the state just saved and the newest one before it (the fallback when this one is damaged); newer
-  ones are what a resume from an older state (after a damaged newest one) has replaced."""
-  older = [p for p in saved_states(state_dir) if int(os.path.basename(p)[len(STATE_PREFIX) :]) < i]
-  keep = {path} | set(older[:1])
+  """Keep the state just saved and the newest complete one before it (the fallback when this one is damaged);
+  newer ones are what a resume from an older state (after a damaged newest one) has replaced, and an older
+  one without its checksums (a save killed before it completed) is no fallback."""
+  steps = [int(os.path.basename(p)[len(STATE_PREFIX) :]) for p in saved_states(state_dir)]
+  older = [os.path.join(state_dir, f"{STATE_PREFIX}{s:05d}") for s in steps if s < i and is_saved(state_dir, s)]
+  keep = {path} | {os.path.abspath(p) for p in older[:1]}
   for n in os.listdir(state_dir):
     old = os.path.abspath(os.path.join(state_dir, n))
     if n.startswith(STATE_PREFIX) and old not in keep:
@@ -182,15 +227,23 @@ def _keep_newest_two(state_dir: str, path: str, i: int) -> None:
 
 
 def restore_state(
-  state_dir: str, mesh: jax.sharding.Mesh, latent_shape, log: Callable[[str], None] = log0
+  state_dir: str,
+  mesh: jax.sharding.Mesh,
+  latent_shape,
+  log: Callable[[str], None] = log0,
+  settings: dict | None = None,
 ) -> sampling.SamplerState:
   """The newest saved state of ``state_dir`` whose checksums hold, else the one before it with a warning;
-  ValueError naming the directory, each step and what is wrong when none can be used."""
+  ValueError naming the directory, each step and what is wrong when none can be used. With ``settings`` (the
+  resuming run's :func:`fingerprint`) a state whose arrays were made under other settings is not used (states
+  saved before checkpoints recorded theirs are taken as they are). Removes orbax's unfinished checkpoints."""
   problems = []
+  remove_stale_tmp(state_dir)
+  digest = fingerprint_digest(settings) if settings is not None else None
   for path in saved_states(state_dir):
     step = int(os.path.basename(path)[len(STATE_PREFIX) :])
     try:
-      state = _restore_checked(path, step, mesh, latent_shape)
+      state = _restore_checked(path, step, mesh, latent_shape, digest)
     except ValueError as err:
       problems.append(f"step {step} ({os.path.basename(path)}): {err}")
       continue
@@ -202,16 +255,24 @@ def restore_state(
   raise ValueError(f"resume={state_dir!r} holds no usable state: " + "; ".join(problems))
 
 
-def _restore_checked(path: str, step: int, mesh: jax.sharding.Mesh, latent_shape) -> sampling.SamplerState:
+def _restore_checked(
+  path: str, step: int, mesh: jax.sharding.Mesh, latent_shape, digest: str | None = None
+) -> sampling.SamplerState:
   import orbax.checkpoint as ocp
 
   try:
     with open(os.path.join(path, STATE_CHECKSUMS), encoding="utf-8") as f:
-      sums = json.load(f)["arrays"]
+      record = json.load(f)
+    sums, made_with = record["arrays"], record.get("fingerprint")
   except FileNotFoundError:
     raise ValueError(f"no {STATE_CHECKSUMS} (the save did not complete)") from None
   except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
     raise ValueError(f"{STATE_CHECKSUMS} cannot be read (truncated or damaged?): {video_io.one_line(err)}") from None
+  if digest is not None and made_with is not None and made_with != digest:
+    raise ValueError(
+      f"its arrays were made under other settings than the ones {STATE_META} records and this run has "
+      f"({STATE_META} copied from another run?)"
+    )
   frames = jax.sharding.NamedSharding(mesh, parallel.frames_spec())
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   target = {
@@ -220,7 +281,8 @@ def _restore_checked(path: str, step: int, mesh: jax.sharding.Mesh, latent_shape
     "i": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
   }
   try:
-    d = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+    with quiet_orbax():
+      d = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
   except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
     reason = video_io.one_line(err).split(". See full TensorStore details")[0]  # not its whole spec
     raise ValueError(f"the checkpoint cannot be read (truncated or damaged?): {reason}") from None
@@ -231,3 +293,47 @@ def _restore_checked(path: str, step: int, mesh: jax.sharding.Mesh, latent_shape
   if int(np.asarray(d["i"])) != step:
     raise ValueError(f"it holds step {int(np.asarray(d['i']))}")
   return sampling.SamplerState(x=d["x"], x0=d["x0"], i=d["i"])
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+  """Keep orbax's and TensorStore's own reports of a failed save or read out of the terminal; the error raised
+  says it in one line. They are: absl ERROR logs with a traceback from orbax's threads (three per failed save),
+  and "Exception ignored" tracebacks of the reads a failed restore leaves behind, each with TensorStore's
+  multi-line spec (and "Event loop is closed" from reads that end after orbax's event loop)."""
+  import gc
+  import logging
+  import sys
+  import time
+
+  absl = logging.getLogger("absl")
+  level, hook = absl.level, sys.unraisablehook
+
+  def drop_orbax_leftovers(u) -> None:
+    code = getattr(u.object, "cr_code", None)
+    orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    closed = u.object is None and isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+    if not (orbax or closed):
+      hook(u)
+
+  absl.setLevel(logging.CRITICAL)
+  sys.unraisablehook = drop_orbax_leftovers
+  failed = True
+  try:
+    yield
+    failed = False
+  finally:
+    if failed:
+      time.sleep(0.2)  # the reads still running end now, and
+      gc.collect()  # their coroutines go now, while their reports are dropped
+    absl.setLevel(level)
+    sys.unraisablehook = hook
+
+
+def _os_reason(err: BaseException) -> str:
+  """:func:`video_io.one_line` of ``err``, or the OS's words when TensorStore names its error code (a full disk:
+  "No space left on device" rather than 300 characters of OCDBT paths)."""
+  import re
+
+  code = re.search(r"\[os_error_code='?(\d+)'?\]", str(err))
+  return os.strerror(int(code.group(1))) if code else video_io.one_line(err)
