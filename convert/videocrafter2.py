@@ -10,6 +10,9 @@ r"""Convert VideoCrafter2 weights from PyTorch into a vinf_jax model directory.
   python -m convert.videocrafter2 --diffusers_unet unet/diffusion_pytorch_model.safetensors \
       [--diffusers_vae vae/diffusion_pytorch_model.safetensors] [--clip_text_model text_encoder/model.safetensors] \
       [--tokenizer bpe_simple_vocab_16e6.txt.gz] --out weights/vc2_diffusers
+  # a diffusers text-to-video pipeline folder (ModelScope, ZeroScope, ...), or its snapshot in the HF cache
+  python -m convert.videocrafter2 --diffusers PIPELINE_DIR --out weights/NAME
+  python -m convert.videocrafter2 --hub cerspense/zeroscope_v2_576w --out weights/zeroscope_576w
   # map the published key/shape manifest onto the abstract full-size model (no weights needed)
   python -m convert.videocrafter2 --check_manifest=videocrafter2  # the manifest carried in convert/manifests/
 
@@ -67,6 +70,18 @@ _FLAGS = {
     "diffusers_unet",
     None,
     "diffusers-format UNet weights (.safetensors or .bin), keys as UNet3DConditionModel + fps_embedding.",
+  ),
+  "diffusers": flags.DEFINE_string(
+    "diffusers",
+    None,
+    "A diffusers TextToVideoSDPipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+    "scheduler/): every component and the scheduler's schedule (convert/diffusers_t2v.py).",
+  ),
+  "hub": flags.DEFINE_string(
+    "hub", None, "A Hugging Face repo id whose pipeline snapshot is in the local cache (offline), as --diffusers."
+  ),
+  "variant": flags.DEFINE_string(
+    "variant", None, "With --diffusers/--hub: the weights variant to read (e.g. fp16); default: the plain files."
   ),
   "diffusers_vae": flags.DEFINE_string(
     "diffusers_vae", None, "diffusers AutoencoderKL weights (with --diffusers_unet)."
@@ -379,6 +394,14 @@ def main(argv):
       return 0
     if not f["out"]:
       raise ValueError("--out is required")
+    if f["diffusers"] or f["hub"]:
+      from convert import diffusers_t2v
+
+      others = [k for k in ("ckpt", "diffusers_unet", "diffusers_vae", "clip_text_model", "tokenizer") if f[k]]
+      if others:
+        raise ValueError(f"--diffusers/--hub convert the whole pipeline folder: drop --{', --'.join(others)}")
+      diffusers_t2v.run(out=f["out"], folder=f["diffusers"], hub=f["hub"], dtype=f["dtype"], variant=f["variant"])
+      return 0
     run(
       out=f["out"],
       cfg=preset(f["model"]),

@@ -49,6 +49,8 @@ SLOW = {
   "test_turbo.py::test_turbo_latents_same_on_one_and_four_devices",
   "test_turbo.py::test_plain_unet_unchanged_and_v2_combination",
   "test_frame_chunk.py::test_chunked_denoiser_on_four_devices",
+  "test_diffusers_t2v.py::test_whole_pipeline_run",
+  "test_diffusers_t2v.py::test_dual_scope_on_one_and_four_devices",
   "test_app.py::test_request_makes_the_video_then_reuses_the_programs",
   # large compiles: the fast tier keeps one of each kind
   "test_convert.py::test_three_layouts_convert_and_restore_to_the_same_outputs",

@@ -41,6 +41,8 @@ def test_flagfile_parses_and_validates(path, monkeypatch):
       "weights/videocrafter2": "videocrafter2",
       "weights/t2v_turbo": "videocrafter2_turbo",
       "weights/t2v_turbo_v2": "videocrafter2_turbo_v2",
+      "weights/zeroscope_576w": "zeroscope_576w",
+      "weights/modelscope": "modelscope",
     }[cfg.weights]
     cfg = dataclasses.replace(cfg, weights="", model=model)
   for d in (1, 2, 4, 8) if cfg.num_devices == 0 else (cfg.num_devices,):

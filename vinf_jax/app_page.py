@@ -18,9 +18,9 @@ def _header(handler: Handler) -> str:
 
   cfg, m = handler.base, handler.models.config
   where = (
-    f"weights `{cfg.weights}`"
+    f"weights `{cfg.weights}` ({m.kind})"
     if cfg.weights
-    else f"random weights of the '{m.name}' model (seed {cfg.weights_seed}): the videos are noise-like"
+    else f"random weights of the '{m.name}' model, {m.kind} (seed {cfg.weights_seed}): the videos are noise-like"
   )
   return (
     "## vinf_jax: text to long video\n"

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from vinf_jax import schedule as schedule_lib
+
 
 def _check(errors: list[str], ok: bool, msg: str) -> None:
   if not ok:
@@ -192,8 +194,14 @@ class TextConfig:
     width: model width.
     heads: attention heads.
     layers: resblocks stored in the checkpoint.
-    layers_used: resblocks run (``layers - 1``: the penultimate output).
+    layers_used: resblocks run before ``ln_final`` (VideoCrafter2: ``layers - 1``, the penultimate output; a
+      diffusers pipeline's ``CLIPTextModel``: all it stores, its ``last_hidden_state``).
     mlp_ratio: MLP hidden = width * mlp_ratio.
+    pad_id: the tokenizer's padding id (open_clip and SD2-style CLIP tokenizers: 0, the token "!"; a tokenizer
+      whose pad token is ``<|endoftext|>``: 49407).
+    pad_text: the pad token's text where a diffusers pipeline's CLIP tokenizer holds it as an added token
+      (SD2-style '!'): transformers then reads that text as the pad id wherever it appears in a prompt, and so
+      does this tokenizer; '' = open_clip's rule (VideoCrafter2).
     dtype: compute dtype name.
     param_dtype: parameter dtype name.
   """
@@ -205,6 +213,8 @@ class TextConfig:
   layers: int = 24
   layers_used: int = 23
   mlp_ratio: int = 4
+  pad_id: int = 0
+  pad_text: str = ""
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -218,6 +228,7 @@ class TextConfig:
     )
     for f in ("vocab_size", "context_length", "width", "heads", "mlp_ratio"):
       _check(e, getattr(self, f) >= 1, f"{f}={getattr(self, f)}, expected >= 1")
+    _check(e, 0 <= self.pad_id < self.vocab_size, f"pad_id={self.pad_id}, expected 0..{self.vocab_size - 1}")
     _check_dtypes(e, self)
     _raise("TextConfig", e)
     return self
@@ -225,12 +236,23 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Everything a VideoCrafter2 checkpoint holds."""
+  """Everything a VideoCrafter2 checkpoint (or a diffusers text-to-video pipeline folder) holds.
+
+  Attributes:
+    name: the preset (or ``diffusers_t2v`` for a pipeline that matches none).
+    unet, vae, text: the components' configs.
+    schedule: the noise schedule and timestep spacing the samplers use (:mod:`vinf_jax.schedule`).
+    video_size: (frames, height, width) the model was trained at (its default clip).
+    kind: what the weights are, in words (shown by the web page, ``--helpfull`` and the sidecar).
+  """
 
   name: str
   unet: UNetConfig
   vae: VAEConfig
   text: TextConfig
+  schedule: schedule_lib.Schedule = schedule_lib.VIDEOCRAFTER2
+  video_size: tuple[int, ...] = (16, 320, 512)
+  kind: str = "VideoCrafter2 (LatentDiffusion checkpoint)"
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -248,11 +270,18 @@ class ModelConfig:
         raise ValueError(f"unknown {klass.__name__} fields {sorted(unknown)}")
       return klass(**kw)
 
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+    top = {k: (tuple(d[k]) if isinstance(d[k], list) else d[k]) for k in ("video_size", "kind") if k in d}
     return cls(
       name=d["name"],
       unet=build(UNetConfig, d["unet"]),
       vae=build(VAEConfig, d["vae"]),
       text=build(TextConfig, d["text"]),
+      # converted directories before issue 26 hold no schedule: VideoCrafter2's
+      schedule=build(schedule_lib.Schedule, d.get("schedule", {})),
+      **top,
     )
 
   def with_dtype(self, dtype: str, param_dtype: str | None = None) -> ModelConfig:
@@ -275,6 +304,8 @@ TINY = ModelConfig(
   unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_head_channels=8, context_dim=32, num_groups=32),
   vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, num_groups=32),
   text=TextConfig(width=32, heads=4, layers=3, layers_used=2),
+  video_size=(32, 128, 128),
+  kind="tiny VideoCrafter2-shaped model (random weights)",
 )
 
 
@@ -282,15 +313,51 @@ def turbo(cfg: ModelConfig, *, motion: bool = False) -> ModelConfig:
   """``cfg`` as a T2V-Turbo model: the guidance embedding (v1), and with ``motion`` v2's motion conditioning."""
   name = cfg.name + ("_turbo_v2" if motion else "_turbo")
   return dataclasses.replace(
-    cfg, name=name, unet=dataclasses.replace(cfg.unet, time_cond_proj_dim=256, motion_cond=motion)
+    cfg,
+    name=name,
+    unet=dataclasses.replace(cfg.unet, time_cond_proj_dim=256, motion_cond=motion),
+    kind=f"T2V-Turbo{'-v2' if motion else ''} ({cfg.kind})",
   )
 
+
+def modelscope_family(cfg: ModelConfig, name: str, video_size: tuple[int, int, int], kind: str) -> ModelConfig:
+  """``cfg``'s shapes as a diffusers ``TextToVideoSDPipeline`` of the ModelScope family: the same UNet3D without
+  fps conditioning, the CLIPTextModel's stored layers all run (23 of OpenCLIP's 24 for the full size), and the
+  pipeline's DDIM schedule (``vinf_jax.schedule.MODELSCOPE``)."""
+  r = dataclasses.replace
+  n = cfg.text.layers_used
+  return r(
+    cfg,
+    name=name,
+    unet=r(cfg.unet, fps_cond=False),
+    text=r(cfg.text, layers=n, layers_used=n),
+    schedule=schedule_lib.MODELSCOPE,
+    video_size=video_size,
+    kind=kind,
+  )
+
+
+MODELSCOPE = modelscope_family(
+  VIDEOCRAFTER2, "modelscope", (16, 256, 256), "ModelScope text-to-video (damo-vilab/text-to-video-ms-1.7b)"
+)
+ZEROSCOPE_576W = modelscope_family(
+  VIDEOCRAFTER2, "zeroscope_576w", (24, 320, 576), "ZeroScope v2 576w (cerspense/zeroscope_v2_576w)"
+)
+ZEROSCOPE_XL = modelscope_family(
+  VIDEOCRAFTER2, "zeroscope_xl", (24, 576, 1024), "ZeroScope v2 XL (cerspense/zeroscope_v2_XL)"
+)
+# The tiny preset's shapes as a diffusers pipeline (tests, the random demo of the ModelScope family).
+TINY_T2V = modelscope_family(TINY, "tiny_t2v", (16, 128, 128), "tiny diffusers text-to-video pipeline (random)")
 
 PRESETS = {
   m.name: m
   for m in (
     VIDEOCRAFTER2,
     TINY,
+    MODELSCOPE,
+    ZEROSCOPE_576W,
+    ZEROSCOPE_XL,
+    TINY_T2V,
     turbo(VIDEOCRAFTER2),  # T2V-Turbo (VC2), v1: time_cond_proj
     turbo(VIDEOCRAFTER2, motion=True),  # T2V-Turbo-v2: + motion_cond_proj, combine_proj
     turbo(TINY),

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vinf_jax import schedule as schedule_lib
+
 NUM_TRAIN_TIMESTEPS = 1000
 LINEAR_START = 0.00085  # VideoCrafter2 `linear_start` (SD's "scaled_linear" beta_start)
 LINEAR_END = 0.012
@@ -162,6 +164,9 @@ class SamplerConfig:
       + 1``, which has more than ``steps`` entries when 1000 % steps != 0 (30 -> 31 steps, 991 down to 1;
       60 -> 63). True keeps exactly ``steps`` of them, the lowest ones (diffusers' DDIM 'leading' spacing
       with steps_offset=1): for 30 steps, 958 down to 1, so sampling starts below the top timestep 991.
+      Schedules of kind 'diffusers' always run diffusers' own steps.
+    schedule: the model's noise schedule and timestep spacing (:class:`vinf_jax.schedule.Schedule`;
+      VideoCrafter2's by default, a diffusers pipeline's ``scheduler_config.json`` for its conversions).
   """
 
   name: str = "dpmpp_sde"
@@ -172,6 +177,7 @@ class SamplerConfig:
   turbo_origin: int = 50
   motion_scale: float = 0.05
   motion_cutoff: float = 0.5
+  schedule: schedule_lib.Schedule = schedule_lib.VIDEOCRAFTER2
 
   @property
   def guided(self) -> bool:
@@ -194,7 +200,7 @@ class SamplerConfig:
     max_steps = {"ddim": NUM_TRAIN_TIMESTEPS // 2, "turbo": origin}.get(self.name, NUM_TRAIN_TIMESTEPS - 1)
     if not (isinstance(self.steps, int | np.integer) and 1 <= self.steps <= max_steps):
       e.append(f"steps={self.steps!r}, expected an integer in 1..{max_steps} for {self.name!r}")
-    elif self.name == "ddim" and (top := int(ddim_timesteps(int(self.steps), bool(self.ddim_exact_steps)).max())) > 999:
+    elif self.name == "ddim" and (top := int(self._ddim_timesteps().max())) > 999:
       # e.g. S=3: arange(0, 1000, 333) + 1 ends at 1000, past the schedule (VideoCrafter2 fails too)
       e.append(
         f"steps={self.steps} gives the DDIM timestep {top} > 999 with uniform spacing "
@@ -206,9 +212,21 @@ class SamplerConfig:
       e.append(f"eta={self.eta!r}, expected a finite value >= 0")
     if not isinstance(self.ddim_exact_steps, bool | np.bool_):
       e.append(f"ddim_exact_steps={self.ddim_exact_steps!r}, expected a bool")
+    try:
+      self.schedule.validate()
+    except ValueError as err:
+      e += [f"schedule: {ln.strip()[2:]}" for ln in str(err).splitlines()[1:]]
+    else:
+      if self.name == "turbo" and self.schedule.kind != "videocrafter2":
+        e.append(f"sampler 'turbo' is T2V-Turbo's (VideoCrafter2's schedule), not for a {self.schedule.kind} schedule")
     if e:
       raise ValueError("invalid SamplerConfig:\n  - " + "\n  - ".join(e))
     return self
+
+  def _ddim_timesteps(self) -> np.ndarray:
+    if self.schedule.kind == "videocrafter2":
+      return ddim_timesteps(int(self.steps), bool(self.ddim_exact_steps))
+    return schedule_lib.ddim_timesteps(self.schedule, int(self.steps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +366,7 @@ def _ddim_coefficients(cfg: SamplerConfig, abar: np.ndarray, scale_arr: np.ndarr
 
 
 def _dpmpp_sde_coefficients(cfg: SamplerConfig, abar: np.ndarray) -> dict[str, np.ndarray]:
-  ts = dpm_timesteps(cfg.steps)
+  ts = schedule_lib.dpm_timesteps(cfg.schedule, cfg.steps)
   n = len(ts)
   # VP schedule at the steps plus the final sigma = 0 ("final_sigmas_type zero"): alpha = 1, sigma = 0.
   alpha = np.append(np.sqrt(abar[ts]), 1.0)
@@ -371,10 +389,11 @@ def _dpmpp_sde_coefficients(cfg: SamplerConfig, abar: np.ndarray) -> dict[str, n
   r = h[second - 1] / h[second]
   w0[second] = 1.0 + 0.5 / r
   w1[second] = -0.5 / r
+  x0_x, x0_e, _, _ = schedule_lib.prediction(cfg.schedule, alpha[:-1], sigma[:-1])
   return {
     "timesteps": ts,
-    "x0_from_x": 1.0 / alpha[:-1],
-    "x0_from_eps": sigma[:-1] / alpha[:-1],
+    "x0_from_x": x0_x,
+    "x0_from_eps": x0_e,
     "coef_x": coef_x,
     "coef_x0": coef_d * w0,
     "coef_prev_x0": coef_d * w1,
@@ -388,16 +407,18 @@ def make_plan(cfg: SamplerConfig, *, alphas_cumprod: np.ndarray | None = None) -
 
   Args:
     cfg: the sampler configuration (validated here).
-    alphas_cumprod: [1000] the schedule's alpha-bar; defaults to ``schedule()["alphas_cumprod"]``
-      (float32, as the checkpoint holds it). Tests pass diffusers' own float32 schedule here.
+    alphas_cumprod: [1000] the schedule's alpha-bar; defaults to that of ``cfg.schedule`` (VideoCrafter2's:
+      ``schedule()["alphas_cumprod"]``, float32, as the checkpoint holds it). Tests pass diffusers' own here.
   """
   cfg.validate()
   buffers = schedule()
-  abar = buffers["alphas_cumprod"] if alphas_cumprod is None else np.asarray(alphas_cumprod)
+  abar = schedule_lib.alphas_cumprod(cfg.schedule) if alphas_cumprod is None else np.asarray(alphas_cumprod)
   if abar.shape != (NUM_TRAIN_TIMESTEPS,):
     raise ValueError(f"alphas_cumprod has shape {abar.shape}, expected ({NUM_TRAIN_TIMESTEPS},)")
   abar = abar.astype(np.float64)
-  if cfg.name == "ddim":
+  if cfg.name == "ddim" and cfg.schedule.kind != "videocrafter2":
+    coef = schedule_lib.ddim_coefficients(cfg.schedule, cfg.steps, cfg.eta, abar)
+  elif cfg.name == "ddim":
     coef = _ddim_coefficients(cfg, abar, buffers["scale_arr"].astype(np.float64))
   elif cfg.name == "turbo":
     coef = _turbo_coefficients(cfg, abar)

@@ -77,9 +77,9 @@ def clean(text: str) -> str:
   return _SPACE_RE.sub(" ", text).strip().lower()
 
 
-def _pack(seqs: list[list[int]], context_length: int) -> np.ndarray:
-  """``[SOT] + ids + [EOT]`` per row, zero-padded; over-long rows cut to ``context_length``, ending in EOT."""
-  out = np.full((len(seqs), context_length), PAD_ID, np.int32)
+def _pack(seqs: list[list[int]], context_length: int, pad_id: int = PAD_ID) -> np.ndarray:
+  """``[SOT] + ids + [EOT]`` per row, ``pad_id``-padded; over-long rows cut to ``context_length``, ending in EOT."""
+  out = np.full((len(seqs), context_length), pad_id, np.int32)
   for i, ids in enumerate(seqs):
     row = [START_ID, *ids, END_ID]
     if len(row) > context_length:
@@ -165,7 +165,7 @@ class ClipTokenizer:
   Build it with :func:`load_tokenizer`. See the module docstring for what is done in Python and why.
   """
 
-  def __init__(self, hf_tokenizer, context_length: int = CONTEXT_LENGTH):
+  def __init__(self, hf_tokenizer, context_length: int = CONTEXT_LENGTH, pad_id: int = PAD_ID, pad_text: str = ""):
     from tokenizers import pre_tokenizers
 
     vocab = hf_tokenizer.get_vocab()
@@ -184,6 +184,9 @@ class ClipTokenizer:
     backend.post_processor = None
     self.hf_tokenizer = hf_tokenizer
     self.context_length = context_length
+    self.pad_id = pad_id  # 0 as open_clip; a diffusers pipeline's tokenizer may pad with <|endoftext|> (49407)
+    # A diffusers pipeline's pad token held as an added token ('!'): transformers reads it anywhere in a prompt
+    self.pad_text = pad_text
     self._special = {s: i for s, i in zip(_OPEN_CLIP_SPECIALS, (START_ID, END_ID), strict=True)}
 
   def words(self, text: str) -> list[str]:
@@ -191,10 +194,15 @@ class ClipTokenizer:
     return _WORD_RE.findall(clean(text))
 
   def segments(self, text: str) -> list[int | list[str]]:
-    """The words of ``text`` grouped into runs of ordinary words, with open_clip's specials as their ids."""
+    """The words of ``text`` grouped into runs of ordinary words, with open_clip's specials as their ids (and
+    ``pad_text``, when set, as the pad id wherever it appears)."""
     out: list[int | list[str]] = []
-    for w in self.words(text):
-      if w in self._special:
+    pieces = clean(text).split(self.pad_text) if self.pad_text else [clean(text)]
+    words = [w for k, piece in enumerate(pieces) for w in ([self.pad_text] if k else []) + _WORD_RE.findall(piece)]
+    for w in words:
+      if self.pad_text and w == self.pad_text:
+        out.append(self.pad_id)
+      elif w in self._special:
         out.append(self._special[w])
       elif out and isinstance(out[-1], list):
         out[-1].append(w)
@@ -210,11 +218,13 @@ class ClipTokenizer:
     return [[t for s in segs for t in ([s] if isinstance(s, int) else next(ids))] for segs in segments]
 
   def __call__(self, texts: Sequence[str]) -> np.ndarray:
-    """``[B, context_length]`` int32 ids, equal to ``open_clip.tokenize(texts)``."""
-    return _pack(self.encode(texts), self.context_length)
+    """``[B, context_length]`` int32 ids, equal to ``open_clip.tokenize(texts)`` (with ``pad_id`` 0)."""
+    return _pack(self.encode(texts), self.context_length, self.pad_id)
 
 
-def load_tokenizer(directory: str, context_length: int = CONTEXT_LENGTH) -> ClipTokenizer:
+def load_tokenizer(
+  directory: str, context_length: int = CONTEXT_LENGTH, pad_id: int = PAD_ID, pad_text: str = ""
+) -> ClipTokenizer:
   """The open_clip-identical tokenizer from a directory holding ``vocab.json`` and ``merges.txt``."""
   import transformers
 
@@ -226,7 +236,7 @@ def load_tokenizer(directory: str, context_length: int = CONTEXT_LENGTH) -> Clip
   hf = transformers.CLIPTokenizerFast.from_pretrained(
     directory, bos_token=HF_START, eos_token=HF_END, unk_token=HF_END, pad_token=HF_END
   )
-  return ClipTokenizer(hf, context_length)
+  return ClipTokenizer(hf, context_length, pad_id, pad_text)
 
 
 class ByteTokenizer:

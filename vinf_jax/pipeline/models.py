@@ -75,7 +75,9 @@ def load_models(
     text_encoder=checkpoint.load_params(
       path("text_encoder"), make_abstract=lambda: text_encoder.abstract(text_cfg), sharding=host
     ),
-    tokenize=tok_lib.load_tokenizer(plan.tokenizer_dir, model.text.context_length),
+    tokenize=tok_lib.load_tokenizer(
+      plan.tokenizer_dir, model.text.context_length, model.text.pad_id, model.text.pad_text
+    ),
   )
 
 

@@ -10,6 +10,7 @@ sampler, paths and a resume directory (whose checks live with the run state, :mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 
 from vinf_jax import checkpoint, parallel, sampling, video_io
+from vinf_jax import schedule as schedule_lib
 from vinf_jax.config import PRESETS, ModelConfig, TemporalConfig, preset
 from vinf_jax.pipeline import memory as memory_lib
 
@@ -132,9 +134,12 @@ class GenerationConfig:
     return sampling.TURBO_GUIDANCE if self.sampler == "turbo" else _SAMPLER.guidance
 
   def sampler_config(self) -> sampling.SamplerConfig:
-    names = [f.name for f in dataclasses.fields(sampling.SamplerConfig) if f.name not in ("name", "guidance")]
+    """The sampler's settings, on the noise schedule of the model (its converted directory's or its preset's)."""
+    skip = ("name", "guidance", "schedule")
+    names = [f.name for f in dataclasses.fields(sampling.SamplerConfig) if f.name not in skip]
     kw = {n: getattr(self, n) for n in names}
-    return sampling.SamplerConfig(name=self.sampler, guidance=self.resolved_guidance(), **kw)
+    sched = model_schedule(self.weights, self.model)
+    return sampling.SamplerConfig(name=self.sampler, guidance=self.resolved_guidance(), schedule=sched, **kw)
 
   def temporal_config(self) -> TemporalConfig:
     """The temporal options; with ``global_phase_steps`` K > 0 both phase thresholds are the K-th sampling
@@ -156,6 +161,24 @@ class GenerationConfig:
     if self.dtype != "auto":
       return self.dtype
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def model_schedule(weights: str, model: str) -> schedule_lib.Schedule:
+  """The noise schedule of a converted directory (``weights``) or of a preset (``model``); VideoCrafter2's when
+  neither says (a directory that does not read is reported by :func:`validate`)."""
+  if weights:
+    try:
+      stamp = os.stat(os.path.join(weights, checkpoint.CONFIG_FILE)).st_mtime_ns
+      return _dir_schedule(os.path.abspath(weights), stamp)
+    except (OSError, ValueError, KeyError):
+      return schedule_lib.VIDEOCRAFTER2
+  return PRESETS[model].schedule if model in PRESETS else schedule_lib.VIDEOCRAFTER2
+
+
+@functools.lru_cache(maxsize=16)
+def _dir_schedule(path: str, stamp: int) -> schedule_lib.Schedule:
+  del stamp  # part of the cache key: an edited config.json is read again
+  return checkpoint.read_model_dir(path, need=())[0].schedule
 
 
 @dataclasses.dataclass(frozen=True)
