@@ -14,6 +14,7 @@ and writes the sidecar's timings plus the settings to --json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -26,8 +27,8 @@ flags.DEFINE_integer("num_devices", 0, "Devices (0 = all).")
 flags.DEFINE_integer("steps", 30, "Sampling steps.")
 flags.DEFINE_integer("height", 320, "Video height.")
 flags.DEFINE_integer("width", 512, "Video width.")
-flags.DEFINE_integer("frame_chunk", 16, "Frames per chunk of the UNet's per-frame layers (0 = all).")
-flags.DEFINE_integer("decode_chunk", 8, "Frames each device decodes at a time.")
+flags.DEFINE_string("frame_chunk", "auto", "Frames per chunk of the UNet's per-frame layers (0 = all, auto = plan).")
+flags.DEFINE_string("decode_chunk", "auto", "Frames each device decodes at a time (auto = the memory plan's).")
 flags.DEFINE_string("model", "videocrafter2", "Model preset for random weights.")
 flags.DEFINE_string("weights", "", "A converted weights directory instead of random weights.")
 flags.DEFINE_string("dtype", "auto", "Compute dtype.")
@@ -38,7 +39,9 @@ flags.DEFINE_bool("compile_only", False, "Load and compile only (no sampling, no
 flags.DEFINE_list(
   "runs",
   [],
-  "Several videos in one process, SAMPLER:STEPS each (e.g. turbo:4,turbo:8,dpmpp_sde:30), turbo runs first: random "
+  "Several videos in one process, SAMPLER:STEPS[:sequential] each (e.g. turbo:4,turbo:4:sequential,dpmpp_sde:30; "
+  "sequential: decode every frame, then write the mp4, instead of writing each piece as it is decoded), turbo "
+  "runs first: random "
   "weights of --model's T2V-Turbo variant drawn once, the guided samplers on the same arrays without time_cond_proj "
   "(VideoCrafter2), each run with the settings of its sampler's flagfile (turbo: w 7.5 embedded, fps 16, global "
   "phase on the first step; guided: guidance 12, fps 24). Empty: one run of --steps with dpmpp_sde.",
@@ -66,6 +69,7 @@ def models_for(cfg, plan, loaded: dict):
 
   from vinf_jax import pipeline
   from vinf_jax.models import unet3d
+  from vinf_jax.pipeline.programs import Programs
 
   t0 = time.perf_counter()
   if not loaded:
@@ -79,8 +83,12 @@ def models_for(cfg, plan, loaded: dict):
     if missing:
       raise ValueError(f"{cfg.model!r} has UNet parameters {sorted(missing)} that {other.config.name!r} lacks")
     nnx.replace_by_pure_dict(want, {k: v for k, v in have.items() if k in nnx.to_pure_dict(want)})
-    loaded[cfg.model] = dataclasses.replace(other, config=model, unet=nnx.merge(graphdef, want), compiled={})
+    loaded[cfg.model] = dataclasses.replace(other, config=model, unet=nnx.merge(graphdef, want), programs=Programs())
   return loaded[cfg.model], time.perf_counter() - t0
+
+
+def _chunk(value: str) -> int | str:
+  return value if value == "auto" else int(value)
 
 
 def main(argv):
@@ -105,8 +113,8 @@ def main(argv):
     num_global=16,
     dtype=FLAGS.dtype,
     num_devices=FLAGS.num_devices,
-    frame_chunk=FLAGS.frame_chunk,
-    decode_chunk=FLAGS.decode_chunk,
+    frame_chunk=_chunk(FLAGS.frame_chunk),
+    decode_chunk=_chunk(FLAGS.decode_chunk),
     export_fps=24.0,
     output=FLAGS.output,
     compilation_cache_dir=FLAGS.compilation_cache_dir,
@@ -126,6 +134,21 @@ def main(argv):
         json.dump(out, f, indent=1)
 
 
+@contextlib.contextmanager
+def sequential_write(on: bool):
+  """With ``on``: the decode gathers every frame before the mp4 is written (the way before the streamed
+  write), to measure decode and write alone."""
+  from vinf_jax.pipeline import run as run_lib
+
+  real = run_lib.streams
+  if on:
+    run_lib.streams = lambda cfg: False
+  try:
+    yield
+  finally:
+    run_lib.streams = real
+
+
 def multi_run(base):
   import jax
 
@@ -135,13 +158,15 @@ def multi_run(base):
   # turbo runs first: the T2V-Turbo UNet is drawn, VideoCrafter2's is the same arrays without time_cond_proj
   items = sorted(FLAGS.runs, key=lambda r: not r.startswith("turbo"))
   for item in items:
-    sampler, _, steps = item.partition(":")
+    sampler, steps, *how = item.split(":")
     cfg = run_config(base, sampler.strip(), int(steps))
     plan = pipeline.validate(cfg)
     models, load_s = models_for(cfg, plan, loaded)
     t0 = time.perf_counter()
-    result = pipeline.generate(cfg, models=models)
+    with sequential_write(how == ["sequential"]):
+      result = pipeline.generate(cfg, models=models)
     out = record(cfg, result, time.perf_counter() - t0)
+    out["write_mode"] = "sequential" if how == ["sequential"] else "streamed"
     out["timings_s"]["load"] = load_s  # this run's share of drawing the random weights (0 once drawn)
     out.update(sampler=cfg.sampler, steps=result.num_steps, model=cfg.model)
     runs.append(out)
@@ -162,7 +187,7 @@ def multi_run(base):
 def record(cfg, result, wall) -> dict:
   """The JSON record of one run: the sidecar's timings, devices and versions, and the derived figures."""
   tm = result.sidecar["timings_s"]
-  compile_s = tm["compile"] + tm["decode_compile"]
+  compile_s = tm["compile"] + tm["decode_compile"] + tm.get("text_compile", 0.0)
   out = {
     "frames": cfg.frames,
     "devices": result.sidecar["devices"],
@@ -184,12 +209,22 @@ def print_table(cfg, result, out):
   tm, compile_s, d = out["timings_s"], out["compile_s"], out["devices"]
   what = "compile only" if cfg.compile_only else f"{result.num_steps} steps"
   print(f"\n{'video':<34}{cfg.frames} frames {cfg.height}x{cfg.width}, {what}, {d['count']} x {d['kind']}")
-  for k in ("load", "encode", "compile", "denoise", "decode_compile", "decode", "write"):
+  for k in (
+    "load",
+    "text_compile",
+    "encode",
+    "compile",
+    "denoise",
+    "decode_compile",
+    "decode",
+    "write",
+    "decode_write",
+  ):
     if k in tm:
       print(f"  {k:<32}{tm[k]:8.2f} s")
   if not cfg.compile_only:
     print(f"  {'excluding compile (enc+steps+dec+write)':<32}{out['excluding_compile_s']:8.2f} s")
-  print(f"  {'compile (step + decode)':<32}{compile_s:8.2f} s")
+  print(f"  {'compile (text + step + decode)':<32}{compile_s:8.2f} s")
   if not cfg.compile_only:
     print(f"  {'per frame-step (denoise)':<32}{out['ms_per_frame_step']:8.3f} ms")
 

@@ -77,8 +77,9 @@ def decode_temp(model, frames: int, chunk: int, height: int, width: int) -> int:
   down = model.vae.downsample_factor
   frames_sh = jax.sharding.NamedSharding(mesh, parallel.frames_spec())
   x = jax.ShapeDtypeStruct((1, frames, height // down, width // down, 4), jnp.float32, sharding=frames_sh)
-  params, fn = make_decoder(vae.abstract(model.vae), mesh, chunk)
-  ma = fn.lower(params, x).compile(parallel.compiler_options(1)).memory_analysis()
+  params, fn = make_decoder(vae.abstract(model.vae), mesh, chunk)  # all frames in one piece
+  start = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  ma = fn.lower(params, x, start).compile(parallel.compiler_options(1)).memory_analysis()
   return int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
 
 

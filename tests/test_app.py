@@ -285,10 +285,10 @@ def test_request_makes_the_video_then_reuses_the_programs(handler, models):
   assert pipeline.will_compile(dataclasses.replace(again, steps=3), models) == ("step",)
   assert pipeline.will_compile(dataclasses.replace(again, decode_chunk=2), models) == ("decode",)
   seen.clear()
-  text_programs = pipeline.prompts._apply_text_encoder._cache_size()
+  text_programs = pipeline.prompts.compiled_count()
   second = handler.run({"prompts": "a fox", "seed": 6}, progress=lambda *a: seen.append(a))
   assert second.ok and second.status.endswith("; reused the compiled programs"), second.status
-  assert pipeline.prompts._apply_text_encoder._cache_size() == text_programs  # nor the text encoder's
+  assert pipeline.prompts.compiled_count() == text_programs  # nor the text encoder's
   assert seen[0][2].startswith("encoding the prompts (8 frames at 64x64 over 2 device(s); the compiled step")
   assert second.settings["timings_s"]["compile"] < 0.1  # the step program was not compiled again
   assert second.video != reply.video and np.abs(video_io.read_video(second.video).astype(int) - video).max() > 0

@@ -157,7 +157,7 @@ def test_a_stop_while_decoding_or_writing_saves_the_final_state(tmp_path, phase,
   (rescue,) = [tmp_path / "systmp" / n for n in os.listdir(tmp_path / "systmp")]
   assert rescue.name.startswith("vinf_jax-rescue-v-") and sorted(os.listdir(rescue)) == ["run.json", "step_00003"]
   line = _stopped_line(err)
-  what = {"decode": "while decoding", "write": "while writing (nothing was written)"}[phase]
+  what = {"decode": "while decoding", "write": "while decoding and writing (nothing was written)"}[phase]
   what = f"stopped by {signal.Signals(sig).name} {what}; the state of step 3 is saved in {rescue}; to continue: "
   assert what in line, line
   assert _command(line, "to continue: ")[-1] == f"--resume={rescue}"

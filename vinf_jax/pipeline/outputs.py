@@ -58,7 +58,7 @@ def from_process0(value: int) -> int:
 
 def write_outputs(
   cfg: GenerationConfig,
-  frames: np.ndarray,
+  video,
   latents: np.ndarray,
   sidecar: dict,
   timings: dict,
@@ -67,17 +67,21 @@ def write_outputs(
 ) -> str | None:
   """Process 0 writes the latents, the video and its sidecar, renamed into place together (or none).
 
-  When a write fails, files already at those paths keep what they held, the partial files are removed and
-  the final state is saved (:func:`rescue`) so that nothing sampled is lost; then WriteError is raised
-  (on every process) saying where the state went and how to write the video from it.
+  ``video``: uint8 frames ``[N, H, W, 3]``, or a :class:`.decoded.Decoded` whose pieces are still being
+  decoded: the mp4 is encoded as they come (``timings``: ``decode`` until the last piece was on the host,
+  ``write`` what the files took after it). When a write fails, files already at those paths keep what they
+  held, the partial files are removed and the final state is saved (:func:`rescue`) so that nothing sampled
+  is lost; then WriteError is raised (on every process) saying where the state went and how to write the
+  video from it. A device error while decoding (out of memory) goes up as it is, the partial files removed.
   """
   t = time.perf_counter()
   out, failed = None, None
+  n, h, w = video.shape[:3]
   sidecar["output"] = {
     "path": os.path.abspath(cfg.output.rstrip("/")) if cfg.output else None,
-    "frames": int(frames.shape[0]),
-    "height": int(frames.shape[1]),
-    "width": int(frames.shape[2]),
+    "frames": int(n),
+    "height": int(h),
+    "width": int(w),
     "export_fps": cfg.export_fps,
     "latents": os.path.abspath(cfg.save_latents) if cfg.save_latents else None,
     "latents_layout": "float32 [1, frames, height/8, width/8, 4], scale_factor * z (as the UNet sees them)",
@@ -85,13 +89,13 @@ def write_outputs(
   if jax.process_index() == 0:
     try:
       # a signal stops the writes at once (their partial files removed), not the renames into place after them
-      with video_io.AtomicFiles() as files, interrupts.at_once():
+      with video_io.AtomicFiles(passthrough=(jax.errors.JaxRuntimeError,)) as files, interrupts.at_once():
         if cfg.save_latents:
           video_io.write_npy(cfg.save_latents, latents, files=files)
         if cfg.output:
+          frames = video.pieces() if hasattr(video, "pieces") else video
           out = video_io.write_video(cfg.output, frames, cfg.export_fps, files=files)
-        timings["write"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_start
+        _times(video, timings, t, t_start)
         if cfg.output:
           video_io.write_json(video_io.sidecar_path(cfg.output), sidecar, files=files)
     except video_io.WriteError as err:
@@ -99,11 +103,22 @@ def write_outputs(
         raise interrupts.Stop(interrupts.pending()) from err
       failed = err
   if not from_process0(failed is not None):
-    timings.setdefault("write", time.perf_counter() - t)
-    timings.setdefault("total", time.perf_counter() - t_start)
+    if "total" not in timings:
+      _times(video, timings, t, t_start)
     return out
   what = failed or "process 0 could not write the outputs"
   raise video_io.WriteError(f"{what}; the files already there are unchanged; {rescue(cfg, state, latents)}")
+
+
+def _times(video, timings: dict, t: float, t_start: float) -> None:
+  """The write's timings: with a decode that ran during the write, the decode's share and the rest."""
+  now = time.perf_counter()
+  done = getattr(video, "done_at", None)
+  if done is not None and done > t:  # decoded while written
+    timings["decode"] = done - video.started
+    timings["decode_write"] = now - video.started
+  timings["write"] = now - max(t, done or t)
+  timings["total"] = now - t_start
 
 
 def rescue(cfg: GenerationConfig, state: sampling.SamplerState, latents: np.ndarray | None = None) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vinf_jax import parallel
 from vinf_jax.pipeline.settings import GenerationConfig, latent_shape, plan_memory
@@ -71,7 +72,26 @@ def step_key(cfg: GenerationConfig, mesh: jax.sharding.Mesh, latent_shape, per_f
 
 
 def decode_key(mesh: jax.sharding.Mesh, latent_shape, chunk: int) -> tuple:
-  return (tuple(mesh.devices.flat), latent_shape, chunk)
+  return (tuple(mesh.devices.flat), latent_shape, chunk, piece_frames(latent_shape[1] // mesh.size, chunk))
+
+
+PIECES = 16  # the decode hands the writer about this many pieces: the writer waits ~1/16 of the decode
+
+
+def piece_frames(local_frames: int, chunk: int) -> int:
+  """Frames per device in one piece of the decode (:func:`make_decoder`): a multiple of ``chunk`` giving
+  about :data:`PIECES` pieces, at most ``local_frames``."""
+  chunk = max(1, min(chunk, local_frames))
+  return min(local_frames, chunk * max(1, round(local_frames / (PIECES * chunk))))
+
+
+def piece_starts(local_frames: int, piece: int) -> list[int]:
+  """Where each piece starts in a device's frames: every ``piece`` frames, the last one ending at the last
+  frame (it overlaps the one before when ``piece`` does not divide the frames; those frames are kept once)."""
+  starts = list(range(0, local_frames - piece + 1, piece))
+  if starts[-1] + piece < local_frames:
+    starts.append(local_frames - piece)
+  return starts
 
 
 def will_compile(cfg: GenerationConfig, models: Models) -> tuple[str, ...]:
@@ -89,8 +109,10 @@ def will_compile(cfg: GenerationConfig, models: Models) -> tuple[str, ...]:
   return (("step",) if step else ()) + (("decode",) if decode else ())
 
 
-def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int):
-  """``latents [B, N, h, w, c] (split over frames) -> uint8 frames [B, N, H, W, 3]`` decoded where they lie."""
+def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int, piece: int | None = None):
+  """``(params, decode)``: ``decode(params, latents [B, N, h, w, c] split over frames, start)`` -> uint8 frames
+  ``[B, D * piece, H, W, 3]``, the ``piece`` frames from ``start`` (an int32 scalar) of each device's share,
+  decoded where they lie ``chunk`` frames at a time; ``piece`` None: all of them (``start`` is then 0)."""
   from flax import nnx
 
   from vinf_jax.models import vae as vae_lib
@@ -99,20 +121,26 @@ def make_decoder(vae_model, mesh: jax.sharding.Mesh, chunk: int):
   params = jax.tree.map(lambda a: parallel.on_mesh(a, mesh), params)
   P = jax.sharding.PartitionSpec
 
-  def body(params, z):  # z: [B, T, h, w, c] local frames
-    x = vae_lib.decode_in_chunks(nnx.merge(graphdef, params), z, chunk)  # [B, T, H, W, 3] float32
+  def body(params, z, start):  # z: [B, T, h, w, c] local frames
+    if piece is not None and piece < z.shape[1]:
+      z = jax.lax.dynamic_slice_in_dim(z, start, piece, axis=1)
+    x = vae_lib.decode_in_chunks(nnx.merge(graphdef, params), z, chunk)  # [B, piece, H, W, 3] float32
     return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)  # as video_io.to_uint8
 
-  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), parallel.frames_spec()), out_specs=parallel.frames_spec()))
+  specs = (P(), parallel.frames_spec(), P())
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=parallel.frames_spec()))
   return params, fn
 
 
 def decoder(models: Models, mesh: jax.sharding.Mesh, latent_shape, chunk: int, x: jax.Array) -> tuple:
-  """(vae_params, compiled decode) for latents like ``x``, compiled once per (mesh, shape, chunk)."""
+  """(vae_params, compiled decode of one piece, piece) for latents like ``x``, compiled once per (mesh, shape,
+  chunk); the piece is :func:`piece_frames`."""
+  piece = piece_frames(latent_shape[1] // mesh.size, chunk)
 
   def make():
-    vae_params, decode = make_decoder(models.vae, mesh, chunk)
-    return vae_params, decode.lower(vae_params, x).compile(parallel.compiler_options(mesh.size))
+    vae_params, decode = make_decoder(models.vae, mesh, chunk, piece)
+    start = parallel.replicate(np.int32(0), mesh)
+    return vae_params, decode.lower(vae_params, x, start).compile(parallel.compiler_options(mesh.size)), piece
 
   return models.programs.decoder_for(decode_key(mesh, latent_shape, chunk), make)
 

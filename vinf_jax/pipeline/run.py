@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vinf_jax import parallel, sampling, video_io
+from vinf_jax.pipeline import decoded as decoded_lib
 from vinf_jax.pipeline import interrupts, outputs, programs, prompts
 from vinf_jax.pipeline import memory as memory_lib
 from vinf_jax.pipeline import models as models_lib
@@ -225,13 +226,14 @@ def generate(
   if signum := interrupts.requested():
     raise interrupted(run, signum, "before decoding", state)
   with stopping(run, "while decoding", lambda: state):
-    frames, latents = decode(run, state)
+    video, latents = decode(run, state)
   if signum := interrupts.requested():
     raise interrupted(run, signum, "before writing", state)
-  with stopping(run, "while writing (nothing was written)", lambda: state, at_once=False):
-    out = write(run, frames, latents, sidecar, state, end - smp.start)
+  when = "while decoding and writing" if streams(cfg) else "while writing"
+  with stopping(run, f"{when} (nothing was written)", lambda: state, at_once=False):
+    out = write(run, video, latents, sidecar, state, end - smp.start)
   clean_states(run)
-  return GenerationResult(frames, latents, out, sidecar, end, smp.num_steps)
+  return GenerationResult(video.all(), latents, out, sidecar, end, smp.num_steps)
 
 
 def clean_states(run: Run) -> None:
@@ -241,8 +243,7 @@ def clean_states(run: Run) -> None:
   if not (cfg.output or cfg.save_latents):
     return
   for d in dict.fromkeys(d for d in (cfg.state_dir, cfg.resume) if d):
-    if os.path.isdir(d):
-      state_lib.remove_states(d)
+    if os.path.isdir(d) and state_lib.remove_states(d):
       run.log(f"removed the saved states in {d} (the video they lead to is written)")
 
 
@@ -284,7 +285,7 @@ def encode(run: Run) -> Text:
   cut = prompts.truncated(m.tokenize, list(cfg.prompts), cfg.negative_prompt)
   if cut:
     run.log(prompts.truncation_warning(cut, len(cfg.prompts)))
-  emb = prompts.encode_prompts(m.text_encoder, m.tokenize, list(cfg.prompts) + [cfg.negative_prompt])
+  emb = prompts.encode_prompts(m.text_encoder, m.tokenize, list(cfg.prompts) + [cfg.negative_prompt], run.timings)
   emb_c, emb_u = emb[:-1], emb[-1:]  # [P, 77, C], [1, 77, C]
   per_frame = len(cfg.prompts) > 1
   if per_frame:
@@ -293,7 +294,7 @@ def encode(run: Run) -> Text:
     ctx_u = prompts.frame_contexts(emb_u, np.ones((cfg.frames, 1), np.float32), mesh)
   else:
     ctx_c, ctx_u = parallel.replicate(emb_c, mesh), parallel.replicate(emb_u, mesh)
-  run.timings["encode"] = time.perf_counter() - t
+  run.timings["encode"] = time.perf_counter() - t - run.timings["text_compile"]  # compile is counted apart
   return Text(ctx_c, ctx_u, per_frame, cut)
 
 
@@ -328,7 +329,7 @@ def compile_step(run: Run, text: Text) -> Sampler:
   tm = run.timings
   run.log(
     f"compiled the {'guided' if splan.guided else 'turbo'} step in {tm['compile']:.1f} s "
-    f"(load {tm['load']:.1f} s, text {tm['encode']:.1f} s)"
+    f"(load {tm['load']:.1f} s, text {tm['encode']:.1f} s, its compile {tm['text_compile']:.1f} s)"
   )
   return Sampler(den, kept.step, splan, fps, seed, state, int(np.asarray(state.i)))
 
@@ -381,32 +382,47 @@ def sample(
   return state, end
 
 
-def decode(run: Run, state: sampling.SamplerState) -> tuple[np.ndarray, np.ndarray]:
-  """The VAE decode of the final latents on each device (compiled once per shape and chunk), gathered to the
-  host: uint8 frames ``[N, H, W, 3]`` and the float32 latents."""
+def decode(run: Run, state: sampling.SamplerState) -> tuple[decoded_lib.Decoded, np.ndarray]:
+  """The VAE decode of the final latents on each device (compiled once per shape and chunk), started: the
+  frames come to the host piece by piece as the writer takes them (:class:`.decoded.Decoded`; a run that
+  writes no mp4, or runs several processes, gathers them all here); and the float32 latents."""
   cfg = run.cfg
   t = time.perf_counter()
   with out_of_memory(run, "compiling the decoder", lambda: state):
-    vae_params, decode_c = programs.decoder(run.models, run.mesh, run.latent_shape, run.plan.decode_chunk, state.x)
+    vae_params, decode_c, piece = programs.decoder(
+      run.models, run.mesh, run.latent_shape, run.plan.decode_chunk, state.x
+    )
   run.timings["decode_compile"] = time.perf_counter() - t
-  t = time.perf_counter()
   with out_of_memory(run, "decoding", lambda: state):
-    video = decode_c(vae_params, state.x)
-    frames = parallel.gather_to_host(video)[0]  # [N, H, W, 3] uint8
-  latents = parallel.gather_to_host(state.x)
-  run.timings["decode"] = time.perf_counter() - t
-  tm = run.timings
-  run.log(f"decoded {cfg.frames} frames in {tm['decode']:.1f} s (compile {tm['decode_compile']:.1f} s)")
-  return frames, latents
+    video = decoded_lib.Decoded(decode_c, vae_params, state.x, piece, run.mesh, (cfg.height, cfg.width, 3))
+    latents = parallel.gather_to_host(state.x)
+    if not streams(cfg):
+      video.all()
+      run.timings["decode"] = video.done_at - video.started
+      run.log(
+        f"decoded {cfg.frames} frames in {run.timings['decode']:.1f} s (compile {run.timings['decode_compile']:.1f} s)"
+      )
+  return video, latents
+
+
+def streams(cfg: GenerationConfig) -> bool:
+  """Whether the decode hands its pieces to the writer as they come (an mp4 written by one process)."""
+  return bool(cfg.output) and video_io.output_kind(cfg.output) == "mp4" and jax.process_count() == 1
 
 
 def write(
-  run: Run, frames: np.ndarray, latents: np.ndarray, sidecar: dict, state: sampling.SamplerState, steps: int
+  run: Run, video: decoded_lib.Decoded, latents: np.ndarray, sidecar: dict, state: sampling.SamplerState, steps: int
 ) -> str | None:
-  """Write the outputs (:func:`.outputs.write_outputs`) and the run's closing line; ``steps``: this
-  invocation's sampling steps (for the seconds per step)."""
+  """Write the outputs (:func:`.outputs.write_outputs`; an mp4 encodes while the rest decodes) and the run's
+  closing line; ``steps``: this invocation's sampling steps (for the seconds per step)."""
   cfg, tm = run.cfg, run.timings
-  out = outputs.write_outputs(cfg, frames, latents, sidecar, tm, run.t_start, state)
+  with out_of_memory(run, "decoding", lambda: state):
+    out = outputs.write_outputs(cfg, video, latents, sidecar, tm, run.t_start, state)
+  if streams(cfg):
+    run.log(
+      f"decoded {cfg.frames} frames in {tm['decode']:.1f} s while writing them (compile {tm['decode_compile']:.1f} s), "
+      f"then {tm['write']:.1f} s to finish the file"
+    )
   run.log(
     f"wrote {out or '(no output file)'}: {cfg.frames} frames; denoise {tm['denoise']:.1f} s "
     f"({tm['denoise'] / max(1, steps):.2f} s/step), compile {tm['compile']:.1f} s, "
