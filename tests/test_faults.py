@@ -213,6 +213,32 @@ def test_full_disk_through_the_command_line(tmp_path):
   assert "checksums.json" in os.listdir(os.path.join(rescue, "step_00001"))
 
 
+def test_full_state_dir_warns_in_one_line_per_save(tmp_path):
+  """A --state_dir on a full disk (issue 25): each failed periodic save is one warning line, with the OS's
+  words and no orbax traceback or TensorStore spec; the run goes on and writes its video."""
+  small = tmp_path / "small"
+  _mount_tmpfs(small, "256k")
+  try:
+    with open(small / "fill", "wb") as f:  # room for run.json, not for a state's arrays
+      f.write(b"\0" * (256 * 1024 - 12 * 1024))
+    flags = [*BASE_FLAGS, "--num_devices=1", "--steps=3", "--save_state_every=1"]
+    p, _ = _cli(*flags, f"--state_dir={small / 'st'}", f"--output={tmp_path / 'v.mp4'}")
+    print(p.stdout[-1500:], p.stderr[-3000:])
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    for step in (1, 2):
+      want = f"warning: could not save the state of step {step} in state_dir='{small / 'st'}': No space left on device"
+      assert want in out, out
+    for noise in ("Traceback", "TensorStore", "orbax", "ERROR"):
+      assert noise not in out, (noise, out)
+    assert not [n for n in os.listdir(small) if n.startswith("step_")]  # no half-written state left
+    if (small / "st").exists():
+      assert not [n for n in os.listdir(small / "st") if n.startswith("step_")]
+    assert (tmp_path / "v.mp4").stat().st_size > 0
+  finally:
+    subprocess.run(["umount", str(small)], check=False)
+
+
 @pytest.mark.parametrize("kind", ["mp4", "gif", "json"])
 def test_folder_turned_read_only_before_the_write(tmp_path, kind):
   """The output folder becomes read-only after validation (remounted): WriteError in one line, old file kept."""
@@ -455,6 +481,16 @@ def test_damaged_state_and_run_json_through_the_command_line(states, tmp_path):
   assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
   assert f"resume='{copy}' holds no usable state: step 2 (step_00002): no checksums.json" in p.stderr
   assert "step 1 (step_00001): no checksums.json" in p.stderr and "random weights" not in p.stdout
+  # truncated arrays in both (issue 25: TensorStore's multi-line spec was printed): one line, no spec
+  bad = _copy(d, tmp_path / "bad")
+  for step in (1, 2):
+    victim = _largest_file(bad / f"step_{step:05d}")
+    open(victim, "wb").write(open(victim, "rb").read()[:10])
+  p, _ = _cli(*BASE_FLAGS, f"--resume={bad}", f"--output={tmp_path / 'w.mp4'}")
+  assert p.returncode in (1, 2) and "Traceback" not in p.stderr, p.stderr
+  (line,) = p.stderr.strip().splitlines()
+  assert line.startswith(f"error: resume='{bad}' holds no usable state: step 2 (step_00002): "), line
+  assert "TensorStore" not in line and "{" not in line, line
   # a truncated run.json: named by validation
   meta = (copy / "run.json").read_bytes()
   (copy / "run.json").write_bytes(meta[: len(meta) // 2])
@@ -509,7 +545,17 @@ LATE = {
     {},
     ["output='' is empty", "coordinator_address='garbage', expected host:port (port 1..65535)"],
   ),
-  "prompts_file": (["--prompts_file=@p.txt"], {"p.txt": bytes(range(256))}, ["p.txt' is not a UTF-8 text file"]),
+  "prompts_file": (
+    ["--prompts_file=@p.txt"],
+    {"p.txt": bytes(range(256))},
+    ["p.txt' is not a UTF-8 text file: line 2, column 118 (invalid start byte)"],
+  ),
+  # issue 25: absl's message ("'utf-8' codec can't decode byte 0xe9 in position 37") named neither file nor line
+  "flagfile_not_utf8": (
+    ["--flagfile=@outer.flags"],
+    {"outer.flags": b"--steps=2\n--flagfile=@inner.flags\n", "inner.flags": b"--frames=16\n--prompt=caf\xe9\n"},
+    ["error: --flagfile=@inner.flags is not UTF-8 text: line 2, column 13 (invalid continuation byte)"],
+  ),
   "flagfile": (["--flagfile=/nonexistent"], {}, ["--flagfile=/nonexistent: no such file"]),
 }
 
@@ -525,6 +571,9 @@ def test_refused_up_front(tmp_path, case):
     (inputs / name).write_bytes(data)
   inputs.mkdir(exist_ok=True)
   args = [a.replace("=@", f"={inputs}/") for a in args]
+  msgs = [m.replace("=@", f"={inputs}/") for m in msgs]
+  for name, data in files.items():  # a flagfile naming another
+    (inputs / name).write_bytes(data.replace(b"=@", f"={inputs}/".encode()))
   p, took = _cli(*BASE_FLAGS, f"--output={tmp_path / 'out' / 'v.mp4'}", *args)
   assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
   assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr

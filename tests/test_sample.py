@@ -220,8 +220,8 @@ BAD = [
   (dict(stop_after=2), r"need state_dir"),
   (
     dict(model="huge"),
-    r"model='huge', expected one of tiny, tiny_turbo, tiny_turbo_v2, videocrafter2, videocrafter2_turbo, "
-    r"videocrafter2_turbo_v2",
+    r"model='huge', expected one of modelscope, tiny, tiny_t2v, tiny_turbo, tiny_turbo_v2, videocrafter2, "
+    r"videocrafter2_turbo, videocrafter2_turbo_v2, zeroscope_576w, zeroscope_xl",
   ),
   (dict(model="", weights=""), r"no converted weights directory given"),
   (dict(resume="/nonexistent"), r"resume='/nonexistent' is not a state directory"),
@@ -243,12 +243,17 @@ def test_incomplete_or_foreign_weights_dir(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(meta))
   for c in ("unet", "vae"):
     (tmp_path / c).mkdir()
-  with pytest.raises(ValueError, match=r"incomplete: missing \['text_encoder', 'tokenizer'\]"):
+  want = r"config.json lists the components \['unet', 'vae'\], this run needs \['text_encoder', 'tokenizer'\]"
+  with pytest.raises(ValueError, match=want):
     pipeline.validate(cfg(weights=str(tmp_path), model=""))
   meta["components"] += ["text_encoder", "tokenizer"]
   (tmp_path / "config.json").write_text(json.dumps(meta))
-  for c in ("text_encoder", "tokenizer"):
-    (tmp_path / c).mkdir()
+  (tmp_path / "tokenizer").mkdir()
+  # listed but its folder gone (issue 25: the message read "missing ['text_encoder'] (has [..., 'text_encoder', ...])")
+  with pytest.raises(ValueError, match=r"lists \['text_encoder'\] but the folder .*text_encoder is not there") as err:
+    pipeline.validate(cfg(weights=str(tmp_path), model=""))
+  assert "(has" not in str(err.value)
+  (tmp_path / "text_encoder").mkdir()
   with pytest.raises(ValueError, match=r"hold the model 'tiny', but model='videocrafter2'"):
     pipeline.validate(cfg(weights=str(tmp_path), model="videocrafter2"))
 

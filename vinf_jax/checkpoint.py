@@ -108,23 +108,34 @@ def read_model_dir(path: str | os.PathLike, *, need: tuple[str, ...] = ("unet", 
   have = meta.get("components", [])
   if not (isinstance(have, list) and all(isinstance(c, str) for c in have)):
     raise ValueError(f"{cfg_file}: 'components' is {have!r}, expected a list of component names")
-  missing = [c for c in need if c not in have or not os.path.isdir(os.path.join(path, c))]
-  if missing:
-    raise FileNotFoundError(f"converted model directory {path} is incomplete: missing {missing} (has {have})")
+  unlisted = [c for c in need if c not in have]
+  if unlisted:
+    raise FileNotFoundError(
+      f"converted model directory {path} is incomplete: {CONFIG_FILE} lists the components {have}, "
+      f"this run needs {unlisted} too (convert again with --out {path})"
+    )
+  absent = [c for c in need if not os.path.isdir(os.path.join(path, c))]
+  if absent:
+    raise FileNotFoundError(
+      f"converted model directory {path} is incomplete: {CONFIG_FILE} lists {absent} but the "
+      f"folder{'s' if len(absent) > 1 else ''} {', '.join(os.path.join(path, c) for c in absent)} "
+      f"{'are' if len(absent) > 1 else 'is'} not there (moved or deleted? convert again with --out {path})"
+    )
   return cfg, have
 
 
 def _model_config(meta, cfg_file: str):
   """The ModelConfig of a converted directory's ``config.json`` content; ValueError naming the bad field."""
   from vinf_jax.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+  from vinf_jax.schedule import Schedule
 
   if not isinstance(meta, dict):
     raise ValueError(f"{cfg_file} holds a JSON {type(meta).__name__}, expected an object with 'model' and 'components'")
   model = meta.get("model")
   if not isinstance(model, dict):
     raise ValueError(f"{cfg_file}: 'model' is {model!r}, expected an object with name, unet, vae and text")
-  for name, klass in (("unet", UNetConfig), ("vae", VAEConfig), ("text", TextConfig)):
-    sub = model.get(name)
+  for name, klass in (("unet", UNetConfig), ("vae", VAEConfig), ("text", TextConfig), ("schedule", Schedule)):
+    sub = model.get(name, {} if name == "schedule" else None)  # no schedule (before issue 26): VideoCrafter2's
     if not isinstance(sub, dict):
       raise ValueError(f"{cfg_file}: 'model.{name}' is {sub!r}, expected an object of {klass.__name__} fields")
     for f in dataclasses.fields(klass):
@@ -134,9 +145,12 @@ def _model_config(meta, cfg_file: str):
         raise ValueError(f"{cfg_file}: 'model.{name}.{f.name}' is {sub[f.name]!r}, expected a {kind}")
   if not isinstance(model.get("name"), str):
     raise ValueError(f"{cfg_file}: 'model.name' is {model.get('name')!r}, expected a string")
+  for name, default in (("video_size", (16, 320, 512)), ("kind", "")):
+    if name in model and not _json_fits(model[name], default):
+      raise ValueError(f"{cfg_file}: 'model.{name}' is {model[name]!r}, expected a {type(default).__name__}")
   try:
     cfg = ModelConfig.from_dict(model)
-    for part in (cfg.unet, cfg.vae, cfg.text):
+    for part in (cfg.unet, cfg.vae, cfg.text, cfg.schedule):
       part.validate()
   except (ValueError, TypeError, KeyError) as err:  # validate() lists its errors one a line: keep one line
     raise ValueError(f"{cfg_file}: " + str(err).replace(":\n  - ", ": ").replace("\n  - ", "; ")) from None

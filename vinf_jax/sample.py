@@ -76,8 +76,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   "model",
   _D.model,
-  "Model preset (tiny, videocrafter2, and their _turbo / _turbo_v2 variants): the random-weights model, or a "
-  "check of --weights.",
+  "Model preset (tiny, videocrafter2, their _turbo / _turbo_v2 variants, modelscope, zeroscope_576w, zeroscope_xl, "
+  "tiny_t2v; --helpfull lists them): the random-weights model, or a check of --weights.",
   flag_values=F,
 )
 flags.DEFINE_integer("weights_seed", _D.weights_seed, "Seed of random weights (without --weights).", flag_values=F)
@@ -261,7 +261,25 @@ def help_text() -> str:
   """The module docstring without its reST markup, then every flag (with --flagfile)."""
   doc = re.sub(r":\w+:`([^`]*)`", r"\1", __doc__).replace("``", "")
   flagfile = "  --flagfile: A file of flags, one --name=value a line ('#' comments); flags after it override it."
-  return f"{doc.strip()}\n\nflags:\n{flagfile}\n{F.get_help(include_special_flags=False)}"
+  return f"{doc.strip()}\n\n{_models_text()}\n\nflags:\n{flagfile}\n{F.get_help(include_special_flags=False)}"
+
+
+def _models_text() -> str:
+  """The model presets (--model) with their kind and default clip, and the kind of the --weights given."""
+  from vinf_jax import checkpoint
+  from vinf_jax.config import PRESETS
+
+  lines = [
+    f"  {n}: {m.kind}; {m.video_size[0]} frames at {m.video_size[1]}x{m.video_size[2]}" for n, m in PRESETS.items()
+  ]
+  weights = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--weights=")]
+  if weights:
+    try:
+      m = checkpoint.read_model_dir(weights[-1], need=())[0]
+      lines.append(f"  --weights={weights[-1]}: the {m.name!r} model, {m.kind}")
+    except (OSError, ValueError) as err:
+      lines.append(f"  --weights={weights[-1]}: {err}")
+  return "models (--model; a converted --weights directory records its own):\n" + "\n".join(lines)
 
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,7 +316,10 @@ def parse_flags(argv: list[str]) -> list[str]:
       try:
         found = find_flagfile(a.split("=", 1)[1])
         from_file = F.read_flags_from_files([f"--flagfile={found}"], force_gnu=False)
-      except (ValueError, flags.Error, OSError, UnicodeDecodeError) as err:
+      except UnicodeDecodeError as err:
+        print(f"error: {_not_utf8(found, err)}", file=sys.stderr)
+        sys.exit(2)
+      except (ValueError, flags.Error, OSError) as err:
         print(f"error: {str(err).strip().splitlines()[-1].removeprefix('ERROR:: ')}", file=sys.stderr)
         sys.exit(2)
       expanded += [x for x in from_file if not (own and _is_prompt_flag(x))]
@@ -312,6 +333,40 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def utf8_position(data: bytes) -> tuple[int, int] | None:
+  """(line, column), both from 1, of the first byte of ``data`` that is not UTF-8; None if all of it is."""
+  try:
+    data.decode("utf-8")
+    return None
+  except UnicodeDecodeError as err:
+    line = data.count(b"\n", 0, err.start) + 1
+    return line, err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+
+
+def _not_utf8(path: str, err: UnicodeDecodeError, seen: set | None = None) -> str:
+  """The message for a flagfile (or one it names with --flagfile) that is not UTF-8: the file and the line."""
+  seen = set() if seen is None else seen
+  seen.add(os.path.realpath(path))
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError:
+    return f"--flagfile={path}: not UTF-8 text ({err.reason})"
+  where = utf8_position(data)
+  if where:
+    return f"--flagfile={path} is not UTF-8 text: line {where[0]}, column {where[1]} ({err.reason})"
+  for ln in data.decode("utf-8").splitlines():  # a flagfile it names
+    ln = ln.strip()
+    if ln.startswith(("--flagfile=", "-flagfile=")):
+      named = os.path.expanduser(ln.split("=", 1)[1])
+      for inner in (named, os.path.join(os.path.dirname(path), named)):  # as absl reads it, or beside this file
+        if os.path.isfile(inner) and os.path.realpath(inner) not in seen:
+          msg = _not_utf8(inner, err, seen)
+          if "line" in msg:
+            return msg
+  return f"--flagfile={path} or a file it names is not UTF-8 text ({err.reason})"
+
+
 def read_prompts(path: str) -> list[str]:
   """The prompts of a text file, one a line ('#' comments and blank lines skipped); ValueError naming the
   flag and the file when it cannot be read, is not UTF-8 text or holds no prompt."""
@@ -322,7 +377,9 @@ def read_prompts(path: str) -> list[str]:
   except OSError as err:
     raise ValueError(f"{what}: {err.strerror or err}") from None
   except UnicodeDecodeError as err:
-    raise ValueError(f"{what} is not a UTF-8 text file (byte {err.start}: {err.reason})") from None
+    with open(path, "rb") as f:
+      line, col = utf8_position(f.read()) or (0, 0)
+    raise ValueError(f"{what} is not a UTF-8 text file: line {line}, column {col} ({err.reason})") from None
   if "\x00" in text:
     raise ValueError(f"{what} is a binary file, not a text file of prompts")
   prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]

@@ -126,18 +126,26 @@ def remove_stale_tmp(state_dir: str) -> list[str]:
   return stale
 
 
-def remove_states(state_dir: str) -> None:
-  """After the video of these states was written: remove them (``run.json`` and the ``step_*`` checkpoints,
-  finished or not) and the directory when nothing else is in it; any other file stays. Process 0."""
+def remove_states(state_dir: str) -> list[str]:
+  """After the video of these states was written: remove them (``run.json`` when it is a state's, and the
+  ``step_*`` checkpoints, finished or not) and the directory when nothing else is in it; any other file stays.
+  Process 0. Returns the names removed."""
   if jax.process_index() != 0 or not os.path.isdir(state_dir):
-    return
-  for n in os.listdir(state_dir):
+    return []
+  removed = []
+  for n in sorted(os.listdir(state_dir)):
     if n.startswith(STATE_PREFIX) and os.path.isdir(os.path.join(state_dir, n)):
       shutil.rmtree(os.path.join(state_dir, n), ignore_errors=True)
-  with contextlib.suppress(OSError):
+      removed.append(n)
+  try:
+    read_fingerprint(state_dir)  # only a run.json that is a state's
     os.unlink(os.path.join(state_dir, STATE_META))
+    removed.append(STATE_META)
+  except (ValueError, OSError):
+    pass
   with contextlib.suppress(OSError):
     os.rmdir(state_dir)  # only when empty
+  return removed
 
 
 def latest_state(state_dir: str) -> str | None:
@@ -306,6 +314,7 @@ def quiet_orbax():
   import sys
   import time
 
+  _filter_orbax_futures()  # first: the hook kept below is then the filtering one
   absl = logging.getLogger("absl")
   level, hook = absl.level, sys.unraisablehook
 
@@ -328,6 +337,50 @@ def quiet_orbax():
       gc.collect()  # their coroutines go now, while their reports are dropped
     absl.setLevel(level)
     sys.unraisablehook = hook
+
+
+def _from_orbax(tb) -> bool:
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _orbax_future(record) -> bool:
+  """False for asyncio's "Future exception was never retrieved" report of an orbax write (logged with its
+  traceback when the future is collected, which may be after :func:`quiet_orbax` ends); True for the rest."""
+  exc = record.exc_info[1] if record.exc_info else None
+  seen = set()
+  while exc is not None and id(exc) not in seen:  # the OSError's own traceback, or the one it caused
+    seen.add(id(exc))
+    if _from_orbax(exc.__traceback__):
+      return False
+    exc = exc.__context__ or exc.__cause__
+  return True
+
+
+def _filter_orbax_futures() -> None:
+  """Install :func:`_orbax_future` on the asyncio logger, and a ``sys.unraisablehook`` that drops the
+  "Exception ignored in <coroutine ...orbax...>" reports of reads a failed restore left behind, once: both
+  may come after :func:`quiet_orbax` ended (when the garbage is collected, or at exit); each drops only
+  orbax's own reports."""
+  import logging
+  import sys
+
+  log = logging.getLogger("asyncio")
+  if _orbax_future not in log.filters:
+    log.addFilter(_orbax_future)
+  if not getattr(sys.unraisablehook, "_vinf_jax", False):
+    hook = sys.unraisablehook
+
+    def drop_orbax_coroutines(u) -> None:
+      code = getattr(u.object, "cr_code", None)
+      if not (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename):
+        hook(u)
+
+    drop_orbax_coroutines._vinf_jax = True
+    sys.unraisablehook = drop_orbax_coroutines
 
 
 def _os_reason(err: BaseException) -> str:
