@@ -14,9 +14,6 @@ import jax.numpy as jnp
 
 from vinf_jax import schedule as schedule_lib
 
-# UNetConfig.precision: 'fp8' = the token-wise linear layers as float8 e4m3 matmuls (vinf_jax.layers.fp8)
-PRECISIONS = ("default", "fp8")
-
 
 def _check(errors: list[str], ok: bool, msg: str) -> None:
   if not ok:
@@ -70,10 +67,6 @@ class UNetConfig:
     attention_impl: 'xla', 'cudnn' or 'auto' (cudnn for 16-bit compute on GPU) for spatial attention.
     kernel_impl: 'jax', 'pallas' or 'auto' (Pallas kernels on GPU): how the memory-bound elementwise passes
       (the feed-forwards' GEGLU) run; the same function either way (``vinf_jax.layers.kernels``).
-    precision: 'default' (every matmul in ``dtype``) or 'fp8' (meant for Hopper GPUs): the token-wise linear
-      layers (attention projections, feed-forwards, the transformers' proj_in/proj_out) run as float8 e4m3
-      matmuls with per-tensor scales and float32 accumulation (``vinf_jax.layers.fp8``). The weights are
-      quantised once, by ``unet3d.with_precision`` (``pipeline.load_models`` calls it), not at each step.
   """
 
   in_channels: int = 4
@@ -93,7 +86,6 @@ class UNetConfig:
   param_dtype: str = "float32"
   attention_impl: str = "auto"
   kernel_impl: str = "auto"
-  precision: str = "default"
 
   @property
   def time_embed_dim(self) -> int:
@@ -137,11 +129,6 @@ class UNetConfig:
       e,
       self.kernel_impl in ("auto", "jax", "pallas"),
       f"kernel_impl={self.kernel_impl!r}, expected 'auto', 'jax' or 'pallas'",
-    )
-    _check(
-      e,
-      self.precision in PRECISIONS,
-      f"precision={self.precision!r}, expected one of {', '.join(repr(p) for p in PRECISIONS)}",
     )
     _check_dtypes(e, self)
     _raise("UNetConfig", e)

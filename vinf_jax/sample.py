@@ -28,7 +28,6 @@ import sys
 
 from absl import flags, logging
 
-from vinf_jax.config import PRECISIONS
 from vinf_jax.pipeline import DTYPES, GenerationConfig
 
 _D = GenerationConfig()
@@ -84,15 +83,6 @@ flags.DEFINE_string(
 flags.DEFINE_integer("weights_seed", _D.weights_seed, "Seed of random weights (without --weights).", flag_values=F)
 flags.DEFINE_enum(
   "dtype", _D.dtype, DTYPES, "Compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU.", flag_values=F
-)
-flags.DEFINE_enum(
-  "precision",
-  _D.precision,
-  PRECISIONS,
-  "fp8: the UNet's attention, feed-forward and proj_in/out matmuls in float8 e4m3 with per-tensor scales, "
-  "float32 accumulation (meant for Hopper GPUs, H100/H200; it runs elsewhere, without the speed). Not with "
-  "--dtype=float32; auto is bfloat16 with fp8. Quality on real weights is not measured.",
-  flag_values=F,
 )
 # Sampler
 flags.DEFINE_string(

@@ -14,15 +14,13 @@ passed as ``frames``; the default is one device holding the whole clip (plain Vi
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vinf_jax.config import UNetConfig, to_dtype
-from vinf_jax.layers import fp8, kernels
-from vinf_jax.layers.attention import CrossAttention, FeedForward, resolve_implementation
+from vinf_jax.layers import kernels
+from vinf_jax.layers.attention import resolve_implementation
 from vinf_jax.layers.embeddings import TimestepMLP, guidance_embedding, timestep_embedding
 from vinf_jax.layers.norm import GroupNorm
 from vinf_jax.layers.resnet import Downsample, ResBlock, Upsample, conv2d
@@ -147,11 +145,6 @@ class UNet3D(nnx.Module):
     """
     if isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int) or frame_chunk < 0:
       raise ValueError(f"frame_chunk={frame_chunk!r}, expected an int >= 0 (0: no chunking)")
-    if (self.cfg.precision == "fp8") != is_fp8(self):
-      raise ValueError(
-        f"this UNet's config says precision={self.cfg.precision!r} but its linear layers are "
-        f"{'' if is_fp8(self) else 'not '}quantised: make it with unet3d.with_precision(model, precision)"
-      )
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
     dtype = to_dtype(self.cfg.dtype)
@@ -288,39 +281,9 @@ def _segment(steps, h, skips, context, frame_chunk):
   return h, keep + list(pushed)
 
 
-# The modules whose nnx.Linear layers run over tokens (every position of every frame): the attention projections,
-# the feed-forwards and the transformers' proj_in / proj_out. The embedding MLPs (time_embed, fps_embedding, the
-# ResBlocks' emb_proj, T2V-Turbo's projections) run on one row per batch element: fp8 would add error, not speed.
-_FP8_OWNERS = (CrossAttention, FeedForward, SpatialTransformer, TemporalTransformer)
-
-
-def is_fp8(model: UNet3D) -> bool:
-  """Whether the token-wise linear layers of ``model`` are quantised (:func:`with_precision`)."""
-  return isinstance(model.init_attn[0].proj_in, fp8.Fp8Linear)
-
-
-def with_precision(model: UNet3D, precision: str) -> UNet3D:
-  """``model`` (or a copy sharing its weights) whose ``cfg.precision`` is ``precision``, ready to run.
-
-  'fp8': every token-wise linear layer becomes an :class:`vinf_jax.layers.fp8.Fp8Linear`, its e4m3 weight and
-  per-tensor scale computed here, once (at load time, not at each step). A model of that precision already is
-  returned as it is; a quantised model cannot go back to 'default' (its full-precision weights are gone).
-  """
-  cfg = dataclasses.replace(model.cfg, precision=precision).validate()
-  if precision == "default" and is_fp8(model):
-    raise ValueError("precision='default' for a UNet whose linear layers are already fp8: load it again")
-  if cfg == model.cfg and (precision == "fp8") == is_fp8(model):
-    return model
-  out = nnx.clone(model)
-  out.cfg = cfg
-  if precision == "fp8" and not is_fp8(out):
-    fp8.quantize_linears(out, _FP8_OWNERS)
-  return out
-
-
 def build(cfg: UNetConfig, seed: int = 0) -> UNet3D:
-  """A UNet with random weights (tests, the tiny demo, benchmarks), of ``cfg.precision``."""
-  return with_precision(UNet3D(cfg, rngs=nnx.Rngs(seed)), cfg.precision)
+  """A UNet with random weights (tests, the tiny demo, benchmarks)."""
+  return UNet3D(cfg, rngs=nnx.Rngs(seed))
 
 
 def abstract(cfg: UNetConfig) -> UNet3D:

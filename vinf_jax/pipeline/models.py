@@ -42,8 +42,7 @@ def load_models(
   *,
   mesh: jax.sharding.Mesh | None = None,
 ) -> Models:
-  """The UNet and VAE in the run's dtype (the UNet of the settings' precision), the text encoder in float32, and
-  the tokenizer.
+  """The UNet and VAE in the run's dtype, the text encoder in float32, and the tokenizer.
 
   The UNet and VAE are placed replicated over ``mesh`` (default: the mesh of ``cfg.num_devices``), where
   the sampling programs use them without a copy. The text encoder runs once per video on a few prompts,
@@ -58,13 +57,12 @@ def load_models(
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   host = jax.sharding.SingleDeviceSharding(host_device())
   model = plan.model.with_dtype(plan.dtype)
-  precision = model.unet.precision  # 'fp8': the UNet's linear layers quantised here, once
   text_cfg = dataclasses.replace(model.text, dtype="float32", param_dtype="float32")  # small; keep it exact
   if not cfg.weights:
     log(f"random weights of the {model.name!r} model (seed {cfg.weights_seed}): the video is noise-like")
     return Models(
       config=model,
-      unet=unet3d.with_precision(random_model(unet3d.UNet3D, model.unet, cfg.weights_seed, sharding=rep), precision),
+      unet=random_model(unet3d.UNet3D, model.unet, cfg.weights_seed, sharding=rep),
       vae=random_model(vae.AutoencoderKL, model.vae, cfg.weights_seed + 1, sharding=rep),
       text_encoder=random_model(text_encoder.TextEncoder, text_cfg, cfg.weights_seed + 2, sharding=host),
       tokenize=tok_lib.ByteTokenizer(model.text.context_length),
@@ -72,9 +70,7 @@ def load_models(
   path = lambda c: os.path.join(cfg.weights, c)
   return Models(
     config=model,
-    unet=unet3d.with_precision(
-      checkpoint.load_params(path("unet"), make_abstract=lambda: unet3d.abstract(model.unet), sharding=rep), precision
-    ),
+    unet=checkpoint.load_params(path("unet"), make_abstract=lambda: unet3d.abstract(model.unet), sharding=rep),
     vae=checkpoint.load_params(path("vae"), make_abstract=lambda: vae.abstract(model.vae), sharding=rep),
     text_encoder=checkpoint.load_params(
       path("text_encoder"), make_abstract=lambda: text_encoder.abstract(text_cfg), sharding=host

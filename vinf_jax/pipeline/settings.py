@@ -19,7 +19,7 @@ import numpy as np
 
 from vinf_jax import checkpoint, parallel, sampling, video_io
 from vinf_jax import schedule as schedule_lib
-from vinf_jax.config import PRECISIONS, PRESETS, ModelConfig, TemporalConfig, preset
+from vinf_jax.config import PRESETS, ModelConfig, TemporalConfig, preset
 from vinf_jax.pipeline import memory as memory_lib
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -54,10 +54,7 @@ class GenerationConfig:
     global_phase_steps: K > 0: dual-scope attention's global phase covers the first K sampling steps and the
       local phase the rest, whatever their timesteps (the thresholds become the K-th step's timestep);
       0: the timestep thresholds global_phase_from / local_phase_below (the paper's rule).
-    dtype: 'auto' (bfloat16 on accelerators, float32 on CPU; bfloat16 everywhere with precision 'fp8'), 'float32',
-      'bfloat16' or 'float16'.
-    precision: 'default' or 'fp8' (meant for Hopper GPUs; it runs anywhere): the UNet's token-wise linear layers
-      as float8 e4m3 matmuls with per-tensor scales (UNetConfig.precision); refused with dtype 'float32'.
+    dtype: 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16' or 'float16'.
     num_devices: 0 = every device of every process; K = the first K local devices (one process).
     frame_chunk: frames per chunk of the UNet's per-frame layers (0 = all local frames at once; 'auto': the
       largest that fits the device's memory by the memory plan, :mod:`vinf_jax.pipeline.memory`).
@@ -109,7 +106,6 @@ class GenerationConfig:
   query_block: int = _TEMPORAL.query_block
   global_phase_steps: int = 0
   dtype: str = "auto"
-  precision: str = "default"
   num_devices: int = 0
   frame_chunk: int | str = "auto"
   decode_chunk: int | str = "auto"
@@ -164,8 +160,7 @@ class GenerationConfig:
   def resolved_dtype(self) -> str:
     if self.dtype != "auto":
       return self.dtype
-    # fp8 matmuls around float32 layers would be the slow path with the fp8 error: their compute dtype is 16-bit
-    return "float32" if jax.default_backend() == "cpu" and self.precision != "fp8" else "bfloat16"
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def model_schedule(weights: str, model: str) -> schedule_lib.Schedule:
@@ -250,13 +245,6 @@ def validate(cfg: GenerationConfig) -> Resolved:
     e.append(f"dtype={cfg.dtype!r}, expected one of {', '.join(DTYPES)}")
   elif cfg.dtype == "float16" and jax.default_backend() == "cpu":
     e.append("dtype='float16' does not run on CPU (XLA:CPU has no float16 matmul); use float32 or bfloat16")
-  if cfg.precision not in PRECISIONS:
-    e.append(f"precision={cfg.precision!r}, expected one of {', '.join(PRECISIONS)}")
-  elif cfg.precision == "fp8" and cfg.dtype == "float32":
-    e.append(
-      "precision='fp8' with dtype='float32': fp8 matmuls feed a 16-bit compute dtype; use dtype=bfloat16 (or auto) "
-      "with fp8, or precision=default with float32"
-    )
   num_devices = _check_devices(cfg, e)
   if temporal is not None and num_devices and isinstance(cfg.frames, int) and cfg.frames >= 1:
     try:
@@ -278,7 +266,6 @@ def validate(cfg: GenerationConfig) -> Resolved:
   if refusal:
     raise ValueError(f"invalid settings:\n  - {refusal}")
   tok = os.path.join(cfg.weights, "tokenizer") if cfg.weights else None
-  model = dataclasses.replace(model, unet=dataclasses.replace(model.unet, precision=cfg.precision))
   return Resolved(model=model, num_devices=num_devices, dtype=cfg.resolved_dtype(), tokenizer_dir=tok, memory=mem)
 
 
