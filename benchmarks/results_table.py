@@ -168,12 +168,15 @@ def render(results_md: str | pathlib.Path = RESULTS_MD) -> str:
       + "."
     )
   if t[VIDEO]:
-    shown = []  # the newest day's rows of the guided samplers, then of the turbo sampler
-    for kind in (False, True):
-      rows = [r for r in t[VIDEO] if ("turbo" in r["steps"]) == kind]
-      if rows:
-        newest = max(r["date"] for r in rows)
-        shown += [r for r in rows if r["date"] == newest][-2:]
+    # of each (card, D, frames, steps), guided samplers first: the newest command's first row (the first run of
+    # its process, whose compile was cold; later rows of one command reuse its programs)
+    key = lambda r: (r["card"], r["D"], r["frames"], r["steps"])
+    first = {}
+    for r in sorted(t[VIDEO], key=lambda r: ("turbo" in r["steps"], int(r["D"]), r["date"])):  # stable sort
+      held = first.get(key(r))
+      if held is None or held["command"] != r["command"]:
+        first[key(r)] = r
+    shown = list(first.values())
     notes.append(
       "Text to written video, 320x512, excluding compilation (compile cold): "
       + ", ".join(
