@@ -74,6 +74,9 @@ flags.DEFINE_enum("attention", "dual", ["dual", "full"], "Temporal attention mod
 flags.DEFINE_integer("window", 8, "Dual-scope local half-window P.", flag_values=FV)
 flags.DEFINE_integer("num_global", 16, "Dual-scope global frames G (must divide F * D).", flag_values=FV)
 flags.DEFINE_integer(
+  "query_block", 0, "Dual-scope query frames per block (TemporalConfig.query_block; 0: automatic).", flag_values=FV
+)
+flags.DEFINE_integer(
   "frame_chunk", 0, "Passed to make_denoiser(frame_chunk=...) when nonzero (0: not passed).", flag_values=FV
 )
 flags.DEFINE_enum("sampler", "dpmpp_sde", list(sampling.SAMPLERS), "Sampler of the step's update.", flag_values=FV)
@@ -99,6 +102,12 @@ flags.DEFINE_integer("max_frames_step", 64, "Resolution of the max-frames search
 flags.DEFINE_integer("max_frames_limit", 4096, "Largest F (per device) the max-frames search probes.", flag_values=FV)
 flags.DEFINE_float(
   "max_frames_budget_s", 0.0, "Stop the max-frames search after this many seconds (0: no limit).", flag_values=FV
+)
+flags.DEFINE_integer(
+  "geglu_rows",
+  0,
+  "Rows per block of the Pallas GEGLU kernel (vinf_jax.layers.kernels._GEGLU_ROWS; 0: the package's, 32).",
+  flag_values=FV,
 )
 flags.DEFINE_bool(
   "torch_baseline", False, "Run benchmarks/torch_unet3d_baseline.py (needs diffusers) first.", flag_values=FV
@@ -231,7 +240,9 @@ def config_from_flags(fv: flags.FlagValues) -> BenchConfig:
     options.append((name.strip(), _option_value(value.strip())))
   if e:
     raise ValueError("invalid flags:\n  - " + "\n  - ".join(e))
-  temporal = TemporalConfig(attention=fv.attention, window=fv.window, num_global=fv.num_global).validate()
+  temporal = TemporalConfig(
+    attention=fv.attention, window=fv.window, num_global=fv.num_global, query_block=fv.query_block
+  ).validate()
   derived = dict(
     unet=dataclasses.replace(preset(fv.preset).unet, dtype=fv.dtype, param_dtype=fv.dtype, kernel_impl=fv.kernel_impl),
     temporal=temporal,
@@ -299,9 +310,15 @@ def main(argv: Sequence[str]) -> int:
     if len(rest) > 1:
       raise ValueError(f"unexpected arguments {rest[1:]}")
     bc = config_from_flags(FV)
+    if FV.geglu_rows < 0 or FV.geglu_rows & (FV.geglu_rows - 1):
+      raise ValueError(f"--geglu_rows={FV.geglu_rows}, expected 0 or a power of two")
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if FV.geglu_rows:
+    from vinf_jax.layers import kernels
+
+    kernels._GEGLU_ROWS = FV.geglu_rows  # the command line (in the JSON) records it
   run(bc, argv)
   return 0
 

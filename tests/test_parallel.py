@@ -69,9 +69,13 @@ def test_zero_key_attention_matches_dense_reference(n, p, g, ends):
   t = np.array([900.0, 100.0], np.float32)  # one batch element in each phase
   want = dense_dual_scope(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v)), t, cfg).transpose(0, 2, 1, 3, 4)
   zero = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # [B, T+1, ...]
-  got = dual_scope_attention_zero_key(zero(q), zero(k), zero(v), jnp.asarray(t), frames)
-  assert got.shape == (2, n + 1, 3, 2, 8)
-  assert rel_err(got[:, :n], want) <= RTOL
+  got = dual_scope_attention_zero_key(jnp.asarray(q), zero(k), zero(v), jnp.asarray(t), frames)
+  assert got.shape == (2, n, 3, 2, 8)
+  assert rel_err(got, want) <= RTOL
+  with pytest.raises(ValueError, match="keys of 16 and values of 17 frames for 16 query frames: expected 17"):
+    dual_scope_attention_zero_key(
+      jnp.zeros((1, 16, 1, 1, 8)), jnp.zeros((1, 16, 1, 1, 8)), jnp.zeros((1, 17, 1, 1, 8)), 0.0, frames
+    )
 
 
 @pytest.mark.parametrize("ends", ["zeros", "mask"])

@@ -112,18 +112,17 @@ class BasicTransformerBlock(nnx.Module):
   ) -> jax.Array:
     """x: [N, L, C] (or [B, L, M, C] for the temporal layers: L frames of M positions).
 
-    ``zero_token``: each self-attention sees one more token along axis 1, a zero after the L real ones (its
-    K and V are zero: the projections have no bias), and its output there is dropped. The zero is appended
-    to the normalised input, where XLA writes it with the norm itself (no copy), so an attention function
-    that needs a zero key (:func:`dual_scope_attention_zero_key`) gets it without concatenating K and V.
+    ``zero_token``: each self-attention's keys and values see one more token along axis 1, a zero after the L
+    real ones (its K and V are zero: the projections have no bias); the queries are the L real tokens only.
+    The zero is appended to the normalised input, where XLA writes it with the norm itself (no copy), so an
+    attention function that needs a zero key (:func:`dual_scope_attention_zero_key`) gets it without
+    concatenating K and V, and its queries fill whole tiles of a fused kernel (L, not L + 1).
     """
 
     def self_attn(attn, h):
       if not zero_token:
         return attn(h, None, self_fn)
-      length = h.shape[1]
-      h = jnp.concatenate([h, jnp.zeros_like(h[:, :1])], axis=1)
-      return attn(h, None, self_fn)[:, :length]
+      return attn(h, jnp.concatenate([h, jnp.zeros_like(h[:, :1])], axis=1), self_fn)
 
     x = x + self_attn(self.attn1, self.norm1(x))
     if self.self_only:
@@ -168,8 +167,8 @@ def uses_zero_key(frames: FrameContext, local_frames: int) -> bool:
 def dual_scope_attention_zero_key(q, k, v, t, frames: FrameContext, *, implementation: str = "xla") -> jax.Array:
   """:func:`dual_scope_attention` on one device holding the whole video in one query block, without a copy of K/V.
 
-  q/k/v: [B, T+1, M, H, D]: the T frames and a zero frame after them (``BasicTransformerBlock``'s
-  ``zero_token``); returns [B, T+1, M, H, D] (the last frame is meaningless). The official key set of query i,
+  q: [B, T, M, H, D], the T frames; k/v: [B, T+1, M, H, D], the T frames and a zero frame after them
+  (``BasicTransformerBlock``'s ``zero_token``); returns [B, T, M, H, D]. The official key set of query i,
   [P zeros | T frames | P zeros | G global frames] (plus the halo masking of ``video_ends='mask'``), has
   each frame once or twice (in the window and among the global frames) and zeros: a key's copies have the
   same logit, so one copy with bias ``log(sum of exp(bias of each copy))`` gives the same softmax, and the
@@ -177,8 +176,10 @@ def dual_scope_attention_zero_key(q, k, v, t, frames: FrameContext, *, implement
   the clip's own frames and the zero frame: T+1 keys instead of T+2P+G, read in place.
   """
   cfg = frames.temporal
-  b, t1, m, h, d = q.shape
-  n, p = t1 - 1, cfg.window
+  b, n, m, h, d = q.shape
+  if k.shape[1] != n + 1 or v.shape[1] != n + 1:
+    raise ValueError(f"keys of {k.shape[1]} and values of {v.shape[1]} frames for {n} query frames: expected {n + 1}")
+  p = cfg.window
   i, j = np.arange(n)[:, None], np.arange(n)[None]
   in_window = np.abs(i - j) <= p  # [T, T]
   is_global = np.isin(np.arange(n), frames.global_positions(n))[None]  # [1, T]
@@ -194,7 +195,6 @@ def dual_scope_attention_zero_key(q, k, v, t, frames: FrameContext, *, implement
   frames_bias = jnp.where(weight > 0, top + jnp.log(jnp.where(weight > 0, weight, 1.0)), MASKED)
   zero_bias = jnp.where(zeros_seen[:, None] > 0, local_bias + np.log(np.maximum(zeros_seen, 1))[:, None], MASKED)
   bias = jnp.concatenate([frames_bias, jnp.broadcast_to(zero_bias, (b, n, 1))], axis=-1)  # [B, T, T+1]
-  bias = jnp.concatenate([bias, jnp.zeros((b, 1, n + 1), jnp.float32)], axis=1)  # the zero query: anything finite
   o = attention(
     _heads_folded(q),
     _heads_folded(k),
@@ -202,7 +202,7 @@ def dual_scope_attention_zero_key(q, k, v, t, frames: FrameContext, *, implement
     bias=bias[:, None].astype(q.dtype),
     implementation=implementation,
   )
-  return o.reshape(b, t1, m, h, d)
+  return o.reshape(b, n, m, h, d)
 
 
 def _heads_folded(x: jax.Array) -> jax.Array:

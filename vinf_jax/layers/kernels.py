@@ -73,7 +73,7 @@ def geglu(y: jax.Array, *, impl: str = "auto", interpret: bool = False) -> jax.A
   whole = interpret or rows % _GEGLU_ROWS == 0
   if impl == "pallas" and _geglu_block(i) is not None and whole:
     lead = y.shape[:-1]
-    out = _geglu_pallas(y.reshape(-1, 2 * i), interpret=interpret)
+    out = _geglu_pallas(y.reshape(-1, 2 * i), interpret=interpret, block_rows=_GEGLU_ROWS)
     return out.reshape(*lead, i)
   a, gate = jnp.split(y, 2, axis=-1)
   return a * jax.nn.gelu(gate, approximate=False)
@@ -93,7 +93,9 @@ def _geglu_kernel(a_ref, g_ref, o_ref):
   o_ref[...] = (a * (0.5 * g) * (1.0 + erf32(g * _SQRT_HALF))).astype(o_ref.dtype)
 
 
-_GEGLU_ROWS = 32  # rows per block (16 measured faster in isolation on an H200: 0.66 against 0.78 ms at level 0)
+# rows per block (16 measured faster in isolation on an H200: 0.66 against 0.78 ms at level 0); read at each
+# trace, so benchmarks.bench_step --geglu_rows can try another
+_GEGLU_ROWS = 32
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_rows"))

@@ -166,7 +166,7 @@ class TemporalTransformer(nnx.Module):
     h = self.proj_in(h)
     zero_key = uses_zero_key(frames, h.shape[1])
 
-    def self_fn(q, k, v):  # [B, T, M, heads, d] ([B, T+1, ...] with the zero frame)
+    def self_fn(q, k, v):  # [B, T, M, heads, d] (k, v: [B, T+1, ...] with the zero frame)
       if zero_key:
         return dual_scope_attention_zero_key(q, k, v, t, frames, implementation=self.impl)
       return temporal_attention(q, k, v, t, frames, implementation=self.impl)
