@@ -106,7 +106,7 @@ flags.DEFINE_float(
 flags.DEFINE_integer(
   "geglu_rows",
   0,
-  "Rows per block of the Pallas GEGLU kernel (vinf_jax.layers.kernels._GEGLU_ROWS; 0: the package's, 32).",
+  "Rows per block of the Pallas GEGLU kernel (vinf_jax.layers.kernels._GEGLU_ROWS; 0: the package's, 16).",
   flag_values=FV,
 )
 flags.DEFINE_bool(

@@ -397,8 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.rows:
       results = [json.loads(pathlib.Path(path).read_text()) for path in a.rows]
       baselines = torch_baselines([r for r in results if "meta" in r])
-      videos = [(p, r) for p, r in zip(a.rows, results, strict=True) if "timings_s" in r or "runs" in r]
-      results = [r for r in results if "timings_s" not in r and "runs" not in r]
+      is_video = lambda r: "timings_s" in r or ("runs" in r and "meta" not in r)  # bench_step's JSON has "meta"
+      videos = [(p, r) for p, r in zip(a.rows, results, strict=True) if is_video(r)]
+      results = [r for r in results if not is_video(r)]
       for path, res in videos:
         rows = rows_from_video_json(res)
         if rows:

@@ -93,9 +93,10 @@ def _geglu_kernel(a_ref, g_ref, o_ref):
   o_ref[...] = (a * (0.5 * g) * (1.0 + erf32(g * _SQRT_HALF))).astype(o_ref.dtype)
 
 
-# rows per block (16 measured faster in isolation on an H200: 0.66 against 0.78 ms at level 0); read at each
-# trace, so benchmarks.bench_step --geglu_rows can try another
-_GEGLU_ROWS = 32
+# rows per block: 16 (0.66 against 0.78 ms with 32 at level 0, in isolation on an H200; the guided step at F=64
+# 260.5 against 263.6 ms, one H200, 2026-12-07: benchmarks/RESULTS.md); read at each trace, so
+# benchmarks.bench_step --geglu_rows can try another
+_GEGLU_ROWS = 16
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_rows"))
