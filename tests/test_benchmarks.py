@@ -308,7 +308,7 @@ def test_flag_errors(monkeypatch, capsys):
   assert bench_step.main(["bench_step", "--preset=tiny", "--height=100"]) == 2
 
 
-def test_results_table(smoke, tmp_path, monkeypatch):
+def test_results_table(smoke, tmp_path, monkeypatch, capsys):
   assert "| NVIDIA H" in results_table.render()  # the committed record renders
   # the committed file with its rows taken out: the template a first figure goes into
   empty, sep = [], False
@@ -367,6 +367,15 @@ def test_results_table(smoke, tmp_path, monkeypatch):
   assert results_table.main(["--check", str(readme)]) == 1
   monkeypatch.setattr(sys, "argv", ["results_table"])
   assert results_table.main([]) == 0
+  # --rows of one call's files: a bench_step JSON (it has "meta" and "runs") and a bench_video JSON of several runs
+  step_json = tmp_path / "step.json"
+  step_json.write_text(json.dumps(fake))
+  video_json = results_table.RESULTS_MD.parent / "results" / "2026-12-07" / "1_video_stream_h100" / "video_stream.json"
+  capsys.readouterr()
+  assert results_table.main(["--rows", str(step_json), str(video_json)]) == 0
+  printed = capsys.readouterr().out
+  assert f"## {results_table.STEP}  ({step_json})" in printed and f"## {results_table.VIDEO}  ({video_json})" in printed
+  assert printed.count("| 2026-12-07 | NVIDIA H100 80GB HBM3 | 1 | 1152 |") == 4
 
 
 def test_trace_summary(tmp_path):
