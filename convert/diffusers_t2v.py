@@ -30,7 +30,6 @@ import dataclasses
 import gc
 import json
 import os
-import shutil
 import sys
 import tempfile
 
@@ -526,10 +525,7 @@ def _write(p: Pipeline, out: str, source: str, dtype: str) -> list[str]:
   """Convert ``p`` into a temporary directory beside ``out`` and rename it into place (or leave nothing)."""
   videocrafter2 = _videocrafter2()
 
-  parent = os.path.dirname(out)
-  created = video_io.make_dirs(parent)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  try:
+  with videocrafter2.staged_output(out) as tmp:
     components = convert_pipeline(p, tmp, dtype, videocrafter2._save)
     meta = {
       "format_version": videocrafter2.FORMAT_VERSION,
@@ -539,11 +535,5 @@ def _write(p: Pipeline, out: str, source: str, dtype: str) -> list[str]:
       "source": source,
       "pipeline": {"classes": p.classes, "files": {c: [os.path.basename(f) for f in fs] for c, fs in p.files.items()}},
     }
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(meta, f, indent=1)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    video_io.remove_dirs(created)
-    raise
+    videocrafter2.write_meta(tmp, meta)
   return components

@@ -24,6 +24,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -229,6 +230,28 @@ def check_inputs(
     tokenizer_files(tokenizer_spec, os.path.join(d, "tokenizer"))
 
 
+@contextlib.contextmanager
+def staged_output(out: str):
+  """A temporary directory beside ``out``, renamed to ``out`` when the block ends without an error; on any error
+  or interrupt it and the parent folders made for it are removed: a converted directory is whole or absent."""
+  parent = os.path.dirname(out)
+  created = video_io.make_dirs(parent)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    video_io.remove_dirs(created)
+    raise
+
+
+def write_meta(tmp: str, meta: dict) -> None:
+  """The converted directory's ``config.json``."""
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+
+
 def _save(tmp: str, name: str, params: dict) -> None:
   t0 = time.perf_counter()
   checkpoint.save_params(os.path.join(tmp, name), params)
@@ -261,13 +284,10 @@ def run(
   if os.path.exists(out):
     raise ValueError(f"--out {out} already exists; choose a new directory")
   check_inputs(out, ckpt, diffusers_unet, diffusers_vae, clip_text_model, tokenizer_spec, turbo_lora, turbo_unet)
-  parent = os.path.dirname(out)
-  created = video_io.make_dirs(parent)
   np_dtype = to_dtype(dtype)
   cfg = cfg.with_dtype("float32", dtype)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
   components = []
-  try:
+  with staged_output(out) as tmp:
     if ckpt is not None:
       print(f"reading {ckpt}")
       parts = split_original(load_sources(ckpt))
@@ -307,13 +327,7 @@ def run(
     }
     if ckpt is not None and turbo_meta:
       meta["turbo"] = turbo_meta
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(meta, f, indent=1)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    video_io.remove_dirs(created)
-    raise
+    write_meta(tmp, meta)
   print(f"wrote {out}: {', '.join(components)}")
 
 
