@@ -336,9 +336,10 @@ def test_two_runs_cannot_write_one_output(tmp_path):
     busy = rf"output='{out}' is being written by another run \(pid {holder.pid} on"
     with pytest.raises(video_io.BusyError, match=busy):
       video_io.PathLock(str(out), "output")
-    p, took = _cli(*BASE_FLAGS, f"--output={out}")
+    p, _ = _cli(*BASE_FLAGS, f"--output={out}")
     assert p.returncode == 2 and f"is being written by another run (pid {holder.pid} on" in p.stderr, p.stderr
-    assert "random weights" not in p.stdout and took < 10, took  # refused before loading anything
+    # refused before loading anything: shown by what it printed, not by a clock (CI runs 4 workers on 2 cores)
+    assert "random weights" not in p.stdout and "compiled" not in p.stdout, p.stdout
   finally:
     os.killpg(holder.pid, signal.SIGKILL)  # a killed holder: the kernel drops its lock
     holder.wait()
@@ -477,7 +478,7 @@ def test_damaged_state_and_run_json_through_the_command_line(states, tmp_path):
   copy = _copy(d, tmp_path / "state")
   for step in (1, 2):
     (copy / f"step_{step:05d}" / "checksums.json").unlink()
-  p, took = _cli(*BASE_FLAGS, f"--resume={copy}", f"--output={tmp_path / 'v.mp4'}")
+  p, _ = _cli(*BASE_FLAGS, f"--resume={copy}", f"--output={tmp_path / 'v.mp4'}")
   assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
   assert f"resume='{copy}' holds no usable state: step 2 (step_00002): no checksums.json" in p.stderr
   assert "step 1 (step_00001): no checksums.json" in p.stderr and "random weights" not in p.stdout
@@ -562,8 +563,9 @@ LATE = {
 
 @pytest.mark.parametrize("case", list(LATE))
 def test_refused_up_front(tmp_path, case):
-  """Exit 2 in a few seconds (the /proc paths too: tried, not guessed), each flag named, no traceback,
-  nothing loaded, no file or folder made."""
+  """Exit 2 before anything loads (the /proc paths too: tried, not guessed), each flag named, no traceback,
+  no file or folder made. "Before anything loads" is shown by the output, not timed: a wall-clock bound
+  failed CI once (10.7 s against 10, four test workers on two cores)."""
   args, files, msgs = LATE[case]
   inputs = tmp_path / "inputs"
   for name, data in files.items():
@@ -574,14 +576,13 @@ def test_refused_up_front(tmp_path, case):
   msgs = [m.replace("=@", f"={inputs}/") for m in msgs]
   for name, data in files.items():  # a flagfile naming another
     (inputs / name).write_bytes(data.replace(b"=@", f"={inputs}/".encode()))
-  p, took = _cli(*BASE_FLAGS, f"--output={tmp_path / 'out' / 'v.mp4'}", *args)
+  p, _ = _cli(*BASE_FLAGS, f"--output={tmp_path / 'out' / 'v.mp4'}", *args)
   assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
   assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
   for msg in msgs:
     assert msg in p.stderr, (msg, p.stderr)
   assert "random weights" not in p.stdout and "compiled" not in p.stdout  # nothing loaded or compiled
   assert sorted(os.listdir(tmp_path)) == ["inputs"]  # no output, no folder made for it
-  assert took < 10, f"took {took:.1f} s"
 
 
 def test_prompts_files_and_coordinator_named(tmp_path):
