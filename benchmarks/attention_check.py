@@ -84,9 +84,47 @@ def check(
   return rec
 
 
+def check_kernel(frames: int, positions: int, heads: int, ends: str, t: float, seed: int) -> dict:
+  """The Pallas window kernel (``dual_scope_attention_kernel``) against XLA in float32, timed against cuDNN's
+  fused attention on the same call (the blocked keys; and the zero-key form where one device holds one block)."""
+  cfg = TemporalConfig(attention="dual", window=8, num_global=16, video_ends=ends)
+  ctx = FrameContext(cfg)
+  rng = np.random.default_rng(seed)
+  shape = (2, frames, positions, heads, 64)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16) for _ in range(3))
+  tt = jnp.full((2,), t, jnp.float32)
+  kern = jax.jit(lambda q, k, v, tt: att.dual_scope_attention_kernel(q, k, v, tt, ctx))
+  blocked = jax.jit(lambda q, k, v, tt: att.dual_scope_attention(q, k, v, tt, ctx, implementation="cudnn"))
+  ref = jax.jit(lambda q, k, v, tt: att.dual_scope_attention(q, k, v, tt, ctx, implementation="xla"))
+  o = kern(q, k, v, tt)
+  o_ref = ref(*(x.astype(jnp.float32) for x in (q, k, v)), tt)
+  rec = {
+    "kernel": att.window_kernel_plan(ctx, frames, 64),
+    "frames": frames,
+    "positions": positions,
+    "heads": heads,
+    "video_ends": ends,
+    "t": t,
+    "err_kernel_vs_f32": rel_err(o, o_ref),
+    "err_cudnn_vs_f32": rel_err(blocked(q, k, v, tt), o_ref),
+    "finite": bool(np.isfinite(np.asarray(o, np.float32)).all()),
+    "ms_kernel": median_ms(kern, q, k, v, tt),
+    "ms_cudnn": median_ms(blocked, q, k, v, tt),
+    # the bytes of Q, K, V read once and O written once: the kernel's floor
+    "min_bytes": 4 * int(np.prod(shape)) * 2,
+  }
+  if att.uses_zero_key(ctx, frames):
+    z = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+    zk = jax.jit(lambda q, k, v, tt: att.dual_scope_attention_zero_key(q, k, v, tt, ctx, implementation="cudnn"))
+    rec["ms_cudnn_zero_key"] = median_ms(zk, q, z(k), z(v), tt)  # K/V with their zero frame made beforehand
+  rec["ok"] = rec["finite"] and rec["err_kernel_vs_f32"] <= BF16_TOL
+  return rec
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--json", default="")
+  ap.add_argument("--window_kernel", action="store_true", help="check and time the Pallas window kernel instead")
   a = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
     print("attention_check: no GPU (cuDNN's fused attention runs on GPUs only); nothing to check")
@@ -99,16 +137,38 @@ def main(argv=None) -> int:
     (256, 160, 20, "dual", "mask", 300.0),
     (64, 640, 10, "full", "zeros", 900.0),
   ]
+  fn = check
+  if a.window_kernel:
+    fn = check_kernel
+    cases = [
+      (64, 2560, 5, "zeros", 900.0),  # level 0, one block: the 'merged' plan
+      (64, 2560, 5, "zeros", 300.0),
+      (64, 2560, 5, "mask", 300.0),
+      (64, 160, 20, "zeros", 300.0),  # level 2
+      (256, 160, 20, "zeros", 900.0),  # four query blocks: 'blocked'
+      (256, 160, 20, "mask", 300.0),
+      (1152, 144, 5, "zeros", 300.0),  # one chunk of positions of the 1,152-frame video (--frame_chunk 64)
+      (1152, 143, 5, "zeros", 300.0),  # the same with an odd number of problems (one head a program)
+    ]
   recs = []
   for i, c in enumerate(cases):
     try:
-      r = check(*c, seed=i)
+      r = fn(*c, seed=i)
     except Exception as err:  # noqa: BLE001 - a failing case is a result
-      r = dict(zip(("frames", "positions", "heads", "attention", "video_ends", "t"), c, strict=True))
+      names = ("frames", "positions", "heads") + (() if a.window_kernel else ("attention",)) + ("video_ends", "t")
+      r = dict(zip(names, c, strict=True))
       r.update(ok=False, error=f"{type(err).__name__}: {err}"[:1500])
     recs.append(r)
     if "error" in r:
       print(f"{c}: ERROR {r['error'][:400]}", flush=True)
+    elif a.window_kernel:
+      zk = f", cudnn zero-key {r['ms_cudnn_zero_key']:.3f}" if "ms_cudnn_zero_key" in r else ""
+      print(
+        f"{c} {r['kernel']}: kernel vs f32 {r['err_kernel_vs_f32']:.2e} (cudnn {r['err_cudnn_vs_f32']:.2e}); "
+        f"{r['ms_kernel']:.3f} ms kernel ({r['min_bytes'] / r['ms_kernel'] / 1e9:.2f} TB/s), {r['ms_cudnn']:.3f} "
+        f"cudnn blocked{zk} {'ok' if r['ok'] else 'FAIL'}",
+        flush=True,
+      )
     else:
       print(
         f"{c}: cudnn vs f32 {r['err_cudnn_vs_f32']:.2e}, xla(bf16) vs f32 {r['err_xla_vs_f32']:.2e}, "

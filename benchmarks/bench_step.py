@@ -109,6 +109,14 @@ flags.DEFINE_integer(
   "Rows per block of the Pallas GEGLU kernel (vinf_jax.layers.kernels._GEGLU_ROWS; 0: the package's, 16).",
   flag_values=FV,
 )
+flags.DEFINE_enum(
+  "temporal_kernel",
+  "off",
+  ["off", "on"],
+  "The dual-scope attention through the Pallas window kernel where it applies ('on': GPUs with 16-bit compute; "
+  "vinf_jax.layers.attention.TEMPORAL_KERNEL) or not ('off': cuDNN's fused attention, the default).",
+  flag_values=FV,
+)
 flags.DEFINE_bool(
   "torch_baseline", False, "Run benchmarks/torch_unet3d_baseline.py (needs diffusers) first.", flag_values=FV
 )
@@ -319,6 +327,9 @@ def main(argv: Sequence[str]) -> int:
     from vinf_jax.layers import kernels
 
     kernels._GEGLU_ROWS = FV.geglu_rows  # the command line (in the JSON) records it
+  from vinf_jax.layers import attention
+
+  attention.TEMPORAL_KERNEL = FV.temporal_kernel
   run(bc, argv)
   return 0
 

@@ -175,10 +175,25 @@ def dual_scope_attention_zero_key(q, k, v, t, frames: FrameContext, *, implement
   n_i visible zeros (logit 0, value 0) are one zero key with bias ``local bias + log(n_i)``. So the keys are
   the clip's own frames and the zero frame: T+1 keys instead of T+2P+G, read in place.
   """
-  cfg = frames.temporal
   b, n, m, h, d = q.shape
   if k.shape[1] != n + 1 or v.shape[1] != n + 1:
     raise ValueError(f"keys of {k.shape[1]} and values of {v.shape[1]} frames for {n} query frames: expected {n + 1}")
+  frames_bias, zero_bias = merged_dual_scope_bias(t, frames, n)
+  bias = jnp.concatenate([frames_bias, zero_bias[..., None]], axis=-1)  # [B, T, T+1]
+  o = attention(
+    _heads_folded(q),
+    _heads_folded(k),
+    _heads_folded(v),
+    bias=bias[:, None].astype(q.dtype),
+    implementation=implementation,
+  )
+  return o.reshape(b, n, m, h, d)
+
+
+def merged_dual_scope_bias(t: jax.Array, frames: FrameContext, n: int) -> tuple[jax.Array, jax.Array]:
+  """The one-block dual-scope bias with each frame's copies merged (:func:`dual_scope_attention_zero_key`):
+  ([B, T, T] over the clip's frames, [B, T] of the one zero key), float32."""
+  cfg = frames.temporal
   p = cfg.window
   i, j = np.arange(n)[:, None], np.arange(n)[None]
   in_window = np.abs(i - j) <= p  # [T, T]
@@ -194,15 +209,7 @@ def dual_scope_attention_zero_key(q, k, v, t, frames: FrameContext, *, implement
   weight = in_window * jnp.exp(local_bias - top) + is_global * jnp.exp(global_bias - top)  # [B, T, T]
   frames_bias = jnp.where(weight > 0, top + jnp.log(jnp.where(weight > 0, weight, 1.0)), MASKED)
   zero_bias = jnp.where(zeros_seen[:, None] > 0, local_bias + np.log(np.maximum(zeros_seen, 1))[:, None], MASKED)
-  bias = jnp.concatenate([frames_bias, jnp.broadcast_to(zero_bias, (b, n, 1))], axis=-1)  # [B, T, T+1]
-  o = attention(
-    _heads_folded(q),
-    _heads_folded(k),
-    _heads_folded(v),
-    bias=bias[:, None].astype(q.dtype),
-    implementation=implementation,
-  )
-  return o.reshape(b, n, m, h, d)
+  return frames_bias, jnp.broadcast_to(zero_bias[..., 0], (frames_bias.shape[0], n))
 
 
 def _heads_folded(x: jax.Array) -> jax.Array:
@@ -288,3 +295,80 @@ def dual_scope_attention(q, k, v, t, frames: FrameContext, *, implementation: st
   qq = _heads_folded(q).reshape(b * nb, qb_len, m * h, d)
   o = attention(qq, keys_of(k), keys_of(v), bias=bias, implementation=implementation)
   return o.reshape(b, t_loc, m, h, d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dual-scope attention through the Pallas window kernel (``kernels.window_attention``): the same softmax
+# as above, each program several (position, head) problems of one query block instead of cuDNN's one.
+
+# Where the kernel runs: 'off' (cuDNN's fused attention or XLA's, as before the kernel), 'on' (GPUs where
+# cuDNN's fused attention would run: 16-bit compute, compute capability 8.0+; see ``TemporalTransformer``),
+# or 'interpret' (everywhere it applies, through Pallas' interpreter: the CPU tests). Off by default: the
+# kernel has not run on a GPU yet (it was written in a session without device time; its Triton IR lowers,
+# its results match on CPU): `benchmarks/gpu/issue24_window_kernel_1gpu.sh` measures it against cuDNN, and
+# only a measured win makes it the default. Read at each trace (benchmarks.bench_step --temporal_kernel).
+TEMPORAL_KERNEL = "off"
+
+
+def _pow2_at_least_16(n: int) -> int:
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def window_kernel_plan(frames: FrameContext, local_frames: int, head_dim: int) -> str | None:
+  """'merged' (one block on one device: the clip's T frames plus one zero key, merged biases), 'blocked'
+  (query blocks against their windows and the global frames), or None where the kernel does not apply."""
+  cfg = frames.temporal
+  if cfg.attention != "dual":
+    return None
+  if uses_zero_key(frames, local_frames):
+    return "merged" if kernels.window_attention_applies(local_frames, head_dim) else None
+  qb = query_block(local_frames, cfg.window, cfg.query_block)
+  g = len(frames.global_positions(frames.total_frames(local_frames)))
+  ok = kernels.window_attention_applies(qb, head_dim, 1, _pow2_at_least_16(g) if g else 0)
+  return "blocked" if ok else None
+
+
+def dual_scope_attention_kernel(q, k, v, t, frames: FrameContext, *, interpret: bool = False) -> jax.Array:
+  """:func:`dual_scope_attention` (q/k/v [B, T, M, H, D], no zero frame) through ``kernels.window_attention``.
+
+  'merged': the keys are the T frames in place, with :func:`merged_dual_scope_bias` and its zero key.
+  'blocked': query block i of Q frames sees rows iQ..(i+c)Q-1 of the halo-extended clip (c = 1 + ceil(2P/Q)
+  chunks of Q, zero-padded at the end; the Q+2P official keys first, the rest masked) and the G global frames
+  (zero-padded to a power of two, masked), with :func:`dual_scope_bias`.
+  """
+  cfg = frames.temporal
+  b, tl, m, h, d = q.shape
+  plan = window_kernel_plan(frames, tl, d)
+  if plan is None:
+    raise ValueError(f"the window kernel does not take {tl} local frames of head dim {d} ({cfg.attention} attention)")
+  if plan == "merged":
+    fb, zb = merged_dual_scope_bias(t, frames, tl)
+    fq, fk, fv = (_heads_folded(x) for x in (q, k, v))
+    o = kernels.window_attention(fq, fk, fv, fb[:, None, None], zero_bias=zb[:, None], interpret=interpret)
+    return o.reshape(q.shape)
+  p = cfg.window
+  qb = query_block(tl, p, cfg.query_block)
+  nb, c = tl // qb, 1 + -(-2 * p // qb)
+  positions = frames.global_positions(frames.total_frames(tl))
+  g, g_pad = len(positions), _pow2_at_least_16(len(positions)) if positions else 0
+  pad = (nb + c - 1) * qb - (tl + 2 * p)
+
+  def padded(x, n, axis):  # x with n zero frames appended along axis
+    return jnp.concatenate([x, jnp.zeros((*x.shape[:axis], n, *x.shape[axis + 1 :]), x.dtype)], axis=axis)
+
+  def window_of(x):  # [B, T, M, H, D] -> [B, (nb+c-1)Q, M*H, D]
+    left, right = frames.halo(x, p, axis=1)
+    return _heads_folded(padded(jnp.concatenate([left, x, right], axis=1), pad, 1))
+
+  bias = dual_scope_bias(t, frames, tl, qb, jnp.float32)  # [B, nb, Q, Q+2P+G]
+  bw = padded(bias[..., : qb + 2 * p], c * qb - qb - 2 * p, 3) + 0.0
+  bw = jnp.where(jnp.arange(c * qb) < qb + 2 * p, bw, MASKED)  # the padding keys masked
+  bw = bw.reshape(b, nb, qb, c, qb).transpose(0, 1, 3, 2, 4)  # [B, nb, c, Q, Q]
+  kg = vg = bg = None
+  if g:
+    bg = jnp.where(jnp.arange(g_pad) < g, padded(bias[..., qb + 2 * p :], g_pad - g, 3), MASKED)
+    kg, vg = (_heads_folded(padded(frames.gather_frames(x, positions, axis=1), g_pad - g, 1)) for x in (k, v))
+  o = kernels.window_attention(
+    _heads_folded(q), window_of(k), window_of(v), bw, kg=kg, vg=vg, bias_g=bg, interpret=interpret
+  )
+  return o.reshape(q.shape)

@@ -8,12 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vinf_jax.layers import attention as attention_lib
 from vinf_jax.layers.attention import (
   BasicTransformerBlock,
   attention,
+  dual_scope_attention_kernel,
   dual_scope_attention_zero_key,
   temporal_attention,
   uses_zero_key,
+  window_kernel_plan,
 )
 from vinf_jax.layers.norm import GroupNorm, group_stats
 from vinf_jax.parallel import FrameContext
@@ -134,7 +137,7 @@ class TemporalTransformer(nnx.Module):
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * dim_head
-    self.impl = attention_impl
+    self.impl, self.kernel_impl, self.dim_head = attention_impl, kernel_impl, dim_head
     self.norm = GroupNorm(ch, groups, 1e-6, dtype=dtype, param_dtype=param_dtype)
     self.proj_in = nnx.Linear(ch, inner, **kw)
     self.transformer_blocks = nnx.List(
@@ -164,9 +167,13 @@ class TemporalTransformer(nnx.Module):
   def _mix_frames(self, h: jax.Array, t: jax.Array, frames: FrameContext) -> jax.Array:
     """h: [B, T, M, C] normalised tokens of M positions -> [B, T, M, C] (proj_in, block, proj_out)."""
     h = self.proj_in(h)
-    zero_key = uses_zero_key(frames, h.shape[1])
+    window_kernel = self._window_kernel(frames, h.shape[1])
+    zero_key = not window_kernel and uses_zero_key(frames, h.shape[1])
 
     def self_fn(q, k, v):  # [B, T, M, heads, d] (k, v: [B, T+1, ...] with the zero frame)
+      if window_kernel:
+        interpret = attention_lib.TEMPORAL_KERNEL == "interpret"
+        return dual_scope_attention_kernel(q, k, v, t, frames, interpret=interpret)
       if zero_key:
         return dual_scope_attention_zero_key(q, k, v, t, frames, implementation=self.impl)
       return temporal_attention(q, k, v, t, frames, implementation=self.impl)
@@ -174,6 +181,16 @@ class TemporalTransformer(nnx.Module):
     for blk in self.transformer_blocks:
       h = blk(h, None, self_fn, zero_token=zero_key)
     return self.proj_out(h)
+
+  def _window_kernel(self, frames: FrameContext, local_frames: int) -> bool:
+    """Whether the dual-scope attention runs through the Pallas window kernel (``attention.TEMPORAL_KERNEL``):
+    with 'on', where the kernels run (GPU) and cuDNN's fused attention would (16-bit, compute capability 8.0+)."""
+    mode = attention_lib.TEMPORAL_KERNEL
+    if mode not in ("off", "on", "interpret"):
+      raise ValueError(f"attention.TEMPORAL_KERNEL={mode!r}, expected 'off', 'on' or 'interpret'")
+    if mode == "off" or window_kernel_plan(frames, local_frames, self.dim_head) is None:
+      return False
+    return mode == "interpret" or (self.kernel_impl == "pallas" and self.impl == "cudnn")
 
   def _chunked(self, x: jax.Array, t: jax.Array, frames: FrameContext, positions: int) -> jax.Array:
     """The same as the plain path, ``positions`` spatial positions at a time (see ``__call__``)."""
