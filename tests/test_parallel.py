@@ -230,7 +230,6 @@ def test_device_count_invariance(tiny_unet, sampler):
     assert err <= RTOL, (d, err)
 
 
-@pytest.mark.slow
 def test_window_kernel_in_the_whole_model(monkeypatch):
   """The tiny UNet with heads of 16 (the kernel's smallest): 3 DDIM steps with the window kernel (interpreted)
   against the same steps without it, on 1 device (the 'merged' plan) and 2 (the 'blocked' plan)."""

@@ -213,18 +213,18 @@ def _window_attention_pallas(q, kw, vw, bias_w, kg, vg, bias_g, zero_bias, *, in
   b, t, n, d = q.shape
   nb, c, qb = bias_w.shape[1], bias_w.shape[2], bias_w.shape[3]
   nh = _heads_per_program(n)
-  rows = lambda j: pl.BlockSpec((None, qb, nh, d), lambda bi, i, hi: (bi, i + j, hi, 0))
+  rows = lambda j: pl.BlockSpec((None, qb, nh, d), lambda hi, i, bi: (bi, i + j, hi, 0))
   in_specs = [rows(0)] + [rows(j) for j in range(c)] * 2
-  in_specs += [pl.BlockSpec((None, None, None, qb, qb), lambda bi, i, hi, j=j: (bi, i, j, 0, 0)) for j in range(c)]
+  in_specs += [pl.BlockSpec((None, None, None, qb, qb), lambda hi, i, bi, j=j: (bi, i, j, 0, 0)) for j in range(c)]
   args = [q] + [kw] * c + [vw] * c + [bias_w] * c
   has_g, has_z = kg is not None, zero_bias is not None
   if has_g:
     g = kg.shape[1]
-    glob = pl.BlockSpec((None, g, nh, d), lambda bi, i, hi: (bi, 0, hi, 0))
-    in_specs += [glob, glob, pl.BlockSpec((None, None, qb, g), lambda bi, i, hi: (bi, i, 0, 0))]
+    glob = pl.BlockSpec((None, g, nh, d), lambda hi, i, bi: (bi, 0, hi, 0))
+    in_specs += [glob, glob, pl.BlockSpec((None, None, qb, g), lambda hi, i, bi: (bi, i, 0, 0))]
     args += [kg, vg, bias_g]
   if has_z:
-    in_specs.append(pl.BlockSpec((None, None, qb), lambda bi, i, hi: (bi, i, 0)))
+    in_specs.append(pl.BlockSpec((None, None, qb), lambda hi, i, bi: (bi, i, 0)))
     args.append(zero_bias)
   kernel = functools.partial(
     _window_attention_kernel, chunks=c, has_g=has_g, has_z=has_z, heads=nh, scale=1.0 / float(d) ** 0.5
@@ -232,7 +232,8 @@ def _window_attention_pallas(q, kw, vw, bias_w, kg, vg, bias_g, zero_bias, *, in
   return pl.pallas_call(
     kernel,
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    grid=(b, nb, n // nh),
+    # the head groups first: CUDA's grid x takes 2^31 - 1 programs, y and z 65,535
+    grid=(n // nh, nb, b),
     in_specs=in_specs,
     out_specs=rows(0),
     compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
