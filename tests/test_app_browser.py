@@ -219,7 +219,11 @@ def test_page_in_a_browser(server, browser, tmp_path):
   d.switch_to.window(tab1)
   css(d, "#cancel").click()
   cancelled = "cancelled before step 1/3; nothing was written"
-  wait_for("the cancel", lambda: css(d, "#status").text.strip() == cancelled, 300, d)
+  # the status line itself: Gradio may also draw its tracker's "Error" badge inside #status for the cancelled
+  # event (seen once in a full run under load: the page said exactly this line, the check of the whole text
+  # timed out)
+  wait_for("the cancel", lambda: cancelled in [ln.strip() for ln in css(d, "#status").text.splitlines()], 300, d)
+  print(f"status after the cancel: {css(d, '#status').text!r}")
   d.switch_to.window(tab2)
   seen_eta = False
 
