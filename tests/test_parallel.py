@@ -90,18 +90,16 @@ def test_dual_scope_attention_matches_dense_reference(d, qb, ends):
   want = dense_dual_scope(q, k, v, t, cfg)
   mesh = parallel.make_mesh(d)
   frames = parallel.frame_context(mesh, cfg)
-  spec = P(None, parallel.FRAMES)  # the implementation's layout: [B, T, M, H, D]
-  f = jax.jit(
-    jax.shard_map(
-      lambda q, k, v, t: dual_scope_attention(q, k, v, t, frames),
-      mesh=mesh,
-      in_specs=(spec, spec, spec, P()),
-      out_specs=spec,
-      check_vma=False,
-    )
-  )
-  got = f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v)), t).transpose(0, 2, 1, 3, 4)
+  got = sharded_over_frames(lambda q, k, v, t: dual_scope_attention(q, k, v, t, frames), mesh, q, k, v, t)
   assert rel_err(got, want) <= RTOL
+
+
+def sharded_over_frames(fn, mesh, q, k, v, t):
+  """``fn(q, k, v, t)`` under shard_map over the frames mesh, on [B, M, T, H, D] arrays (the references'
+  layout) split along T in the implementation's [B, T, M, H, D]; t: [B] timesteps, replicated."""
+  spec = P(None, parallel.FRAMES)
+  f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec, check_vma=False))
+  return f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v)), t).transpose(0, 2, 1, 3, 4)
 
 
 def test_parallel_scheme_validation():
@@ -210,17 +208,8 @@ def test_official_temporal_conv_semantics_on_two_devices():
 def _sharded_dual_scope(mesh, frames, t, q, k, v):
   """dual_scope_attention at timestep t over the frames mesh, on [B, M, T, H, D] arrays (the official
   restatements' layout) split along T."""
-  spec = P(None, parallel.FRAMES)  # [B, T, M, H, D]
-  f = jax.jit(
-    jax.shard_map(
-      lambda q, k, v: dual_scope_attention(q, k, v, jnp.array([t]), frames),
-      mesh=mesh,
-      in_specs=(spec, spec, spec),
-      out_specs=spec,
-      check_vma=False,
-    )
-  )
-  return f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v))).transpose(0, 2, 1, 3, 4)
+  fn = lambda q, k, v, tt: dual_scope_attention(q, k, v, tt, frames)
+  return sharded_over_frames(fn, mesh, q, k, v, jnp.full((q.shape[0],), t, jnp.float32))
 
 
 def _official_attention_rank(q, k, v, r, world, f, p, top_k, t, phase_t=800.0, bias=10.0):

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
-from tests.test_parallel import RTOL, dense_dual_scope, rel_err, run_video, tame
+from tests.test_parallel import RTOL, dense_dual_scope, rel_err, run_video, sharded_over_frames, tame
 from vinf_jax import parallel
 from vinf_jax.config import TINY, TemporalConfig
 from vinf_jax.models import unet3d
@@ -45,17 +43,8 @@ def test_window_kernel_matches_dense_reference(d, n, p, g, qb, ends):
   plan = window_kernel_plan(frames, n // d, hd)
   assert plan == ("merged" if d == 1 and not qb else "blocked")
   assert window_kernel_plan(frames, n // d, 8) is None  # head dim 8: the XLA / cuDNN paths
-  spec = P(None, parallel.FRAMES)
-  f = jax.jit(
-    jax.shard_map(
-      lambda q, k, v, t: dual_scope_attention_kernel(q, k, v, t, frames, interpret=True),
-      mesh=mesh,
-      in_specs=(spec, spec, spec, P()),
-      out_specs=spec,
-      check_vma=False,
-    )
-  )
-  got = f(*(x.transpose(0, 2, 1, 3, 4) for x in (q, k, v)), t).transpose(0, 2, 1, 3, 4)
+  fn = lambda q, k, v, t: dual_scope_attention_kernel(q, k, v, t, frames, interpret=True)
+  got = sharded_over_frames(fn, mesh, q, k, v, t)
   assert rel_err(got, want) <= RTOL
 
 

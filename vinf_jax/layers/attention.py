@@ -324,7 +324,7 @@ def window_kernel_plan(frames: FrameContext, local_frames: int, head_dim: int) -
     return "merged" if kernels.window_attention_applies(local_frames, head_dim) else None
   qb = query_block(local_frames, cfg.window, cfg.query_block)
   g = len(frames.global_positions(frames.total_frames(local_frames)))
-  ok = kernels.window_attention_applies(qb, head_dim, 1, _pow2_at_least_16(g) if g else 0)
+  ok = kernels.window_attention_applies(qb, head_dim, _pow2_at_least_16(g) if g else 0)
   return "blocked" if ok else None
 
 
@@ -353,20 +353,19 @@ def dual_scope_attention_kernel(q, k, v, t, frames: FrameContext, *, interpret: 
   g, g_pad = len(positions), _pow2_at_least_16(len(positions)) if positions else 0
   pad = (nb + c - 1) * qb - (tl + 2 * p)
 
-  def padded(x, n, axis):  # x with n zero frames appended along axis
-    return jnp.concatenate([x, jnp.zeros((*x.shape[:axis], n, *x.shape[axis + 1 :]), x.dtype)], axis=axis)
+  def padded(x, n, axis, value=0.0):  # x with n entries of value appended along axis
+    return jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)], constant_values=value)
 
   def window_of(x):  # [B, T, M, H, D] -> [B, (nb+c-1)Q, M*H, D]
     left, right = frames.halo(x, p, axis=1)
     return _heads_folded(padded(jnp.concatenate([left, x, right], axis=1), pad, 1))
 
   bias = dual_scope_bias(t, frames, tl, qb, jnp.float32)  # [B, nb, Q, Q+2P+G]
-  bw = padded(bias[..., : qb + 2 * p], c * qb - qb - 2 * p, 3) + 0.0
-  bw = jnp.where(jnp.arange(c * qb) < qb + 2 * p, bw, MASKED)  # the padding keys masked
+  bw = padded(bias[..., : qb + 2 * p], c * qb - qb - 2 * p, 3, MASKED)  # the padding keys masked
   bw = bw.reshape(b, nb, qb, c, qb).transpose(0, 1, 3, 2, 4)  # [B, nb, c, Q, Q]
   kg = vg = bg = None
   if g:
-    bg = jnp.where(jnp.arange(g_pad) < g, padded(bias[..., qb + 2 * p :], g_pad - g, 3), MASKED)
+    bg = padded(bias[..., qb + 2 * p :], g_pad - g, 3, MASKED)
     kg, vg = (_heads_folded(padded(frames.gather_frames(x, positions, axis=1), g_pad - g, 1)) for x in (k, v))
   o = kernels.window_attention(
     _heads_folded(q), window_of(k), window_of(v), bw, kg=kg, vg=vg, bias_g=bg, interpret=interpret

@@ -128,10 +128,10 @@ def _geglu_pallas(y: jax.Array, *, interpret: bool = False, block_rows: int = _G
 # program several heads of one query block and keeps the block's bias in registers across them.
 
 
-def window_attention_applies(block: int, head_dim: int, chunks: int = 1, num_global: int = 0) -> bool:
+def window_attention_applies(block: int, head_dim: int, num_global: int = 0) -> bool:
   """Whether :func:`window_attention` takes these shapes: Triton's dots need power-of-two sides of at least 16."""
   pow2 = lambda n: n >= 16 and n & (n - 1) == 0
-  return pow2(block) and pow2(head_dim) and chunks >= 1 and (num_global == 0 or pow2(num_global))
+  return pow2(block) and pow2(head_dim) and (num_global == 0 or pow2(num_global))
 
 
 def window_attention(
@@ -161,7 +161,7 @@ def window_attention(
   if t != nb * qb or kw.shape[1] != (nb + c - 1) * qb or bias_w.shape[4] != qb:
     raise ValueError(f"window_attention: q {q.shape}, window keys {kw.shape}, bias {bias_w.shape} do not agree")
   g = 0 if kg is None else kg.shape[1]
-  if not window_attention_applies(qb, d, c, g):
+  if not window_attention_applies(qb, d, g):
     raise ValueError(f"window_attention: block {qb}, head dim {d}, {g} global keys: not powers of two >= 16")
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
   return _window_attention_pallas(q, kw, vw, f32(bias_w), kg, vg, f32(bias_g), f32(zero_bias), interpret=interpret)
