@@ -121,13 +121,71 @@ def check_kernel(frames: int, positions: int, heads: int, ends: str, t: float, s
   return rec
 
 
+SWEEP_CASES = [  # (frames, positions, heads): level 0 and 2 at F=64 (merged), 256 frames and a 1,152-frame chunk
+  (64, 2560, 5),
+  (64, 160, 20),
+  (256, 160, 20),
+  (1152, 144, 5),
+]
+
+
+def sweep_kernel(seed: int = 0) -> dict:
+  """The window kernel's time per form for each (problems a program, warps) of ``kernels.WINDOW_TUNING``'s
+  range, at the local phase (t 300, the 29 of 30 steps that are not global), video ends 'zeros'; -> the
+  records and the fastest setting per form by the sum of its cases' times."""
+  from vinf_jax.layers import kernels
+
+  cfg = TemporalConfig(attention="dual", window=8, num_global=16, video_ends="zeros")
+  ctx = FrameContext(cfg)
+  saved, recs, totals = dict(kernels.WINDOW_TUNING), [], {}
+  try:
+    for frames, positions, heads in SWEEP_CASES:
+      form = att.window_kernel_plan(ctx, frames, 64)
+      rng = np.random.default_rng(seed)
+      shape = (2, frames, positions, heads, 64)
+      q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16) for _ in range(3))
+      tt = jnp.full((2,), 300.0, jnp.float32)
+      for nh in (1, 2, 4, 8):
+        for warps in (2, 4, 8):
+          kernels.WINDOW_TUNING[form] = (nh, warps)
+          fn = jax.jit(lambda q, k, v, tt: att.dual_scope_attention_kernel(q, k, v, tt, ctx))
+          try:
+            ms = median_ms(fn, q, k, v, tt)
+          except Exception as err:  # noqa: BLE001 - a setting that does not compile is a result
+            print(f"{(frames, positions, heads)} {form} heads {nh} warps {warps}: ERROR {str(err)[:200]}", flush=True)
+            continue
+          rec = dict(frames=frames, positions=positions, heads=heads, form=form, per_program=nh, warps=warps)
+          recs.append(rec | {"ms": ms})
+          totals.setdefault(form, {}).setdefault((nh, warps), []).append(ms)
+          print(f"{(frames, positions, heads)} {form} heads {nh} warps {warps}: {ms:.3f} ms", flush=True)
+  finally:
+    kernels.WINDOW_TUNING.clear()
+    kernels.WINDOW_TUNING.update(saved)
+  n_cases = {f: max(len(v) for v in t.values()) for f, t in totals.items()}
+  best = {f: min((s for s, v in t.items() if len(v) == n_cases[f]), key=lambda s: sum(t[s])) for f, t in totals.items()}
+  return {"cases": recs, "best": {f: list(s) for f, s in best.items()}}
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--json", default="")
   ap.add_argument("--window_kernel", action="store_true", help="check and time the Pallas window kernel instead")
+  ap.add_argument(
+    "--window_sweep",
+    action="store_true",
+    help="time the window kernel per (problems a program, warps) and print the fastest per form as "
+    "bench_step's --window_tuning value",
+  )
   a = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
     print("attention_check: no GPU (cuDNN's fused attention runs on GPUs only); nothing to check")
+    return 0
+  if a.window_sweep:
+    out = sweep_kernel()
+    out.update(device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
+    if a.json:
+      pathlib.Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    print("window_tuning:", ",".join(f"{f}={nh}:{w}" for f, (nh, w) in sorted(out["best"].items())))
     return 0
   cases = [
     (64, 2560, 5, "dual", "zeros", 900.0),

@@ -117,6 +117,13 @@ flags.DEFINE_enum(
   "vinf_jax.layers.attention.TEMPORAL_KERNEL) or not ('off': cuDNN's fused attention, the default).",
   flag_values=FV,
 )
+flags.DEFINE_string(
+  "window_tuning",
+  "",
+  "The window kernel's problems a program and warps per form, FORM=N:W,... (e.g. merged=8:4,blocked=1:4; "
+  "vinf_jax.layers.kernels.WINDOW_TUNING; empty: the package's).",
+  flag_values=FV,
+)
 flags.DEFINE_bool(
   "torch_baseline", False, "Run benchmarks/torch_unet3d_baseline.py (needs diffusers) first.", flag_values=FV
 )
@@ -307,6 +314,20 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
   return res
 
 
+def parse_window_tuning(value: str) -> dict:
+  """``--window_tuning`` FORM=N:W,... -> {form: (problems a program, warps)}; a bad entry is a ValueError."""
+  out = {}
+  for item in filter(None, (x.strip() for x in value.split(","))):
+    form, _, rest = item.partition("=")
+    nh, _, w = rest.partition(":")
+    if form not in ("merged", "blocked") or not (nh.isdigit() and w.isdigit()):
+      raise ValueError(f"--window_tuning entry {item!r}, expected merged=N:W or blocked=N:W")
+    if int(nh) not in (1, 2, 4, 8) or int(w) not in (1, 2, 4, 8, 16):
+      raise ValueError(f"--window_tuning entry {item!r}: N in 1, 2, 4, 8 and W in 1, 2, 4, 8, 16")
+    out[form] = (int(nh), int(w))
+  return out
+
+
 def main(argv: Sequence[str]) -> int:
   argv = list(argv)
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
@@ -320,6 +341,7 @@ def main(argv: Sequence[str]) -> int:
     bc = config_from_flags(FV)
     if FV.geglu_rows < 0 or FV.geglu_rows & (FV.geglu_rows - 1):
       raise ValueError(f"--geglu_rows={FV.geglu_rows}, expected 0 or a power of two")
+    tuning = parse_window_tuning(FV.window_tuning)
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -327,9 +349,10 @@ def main(argv: Sequence[str]) -> int:
     from vinf_jax.layers import kernels
 
     kernels._GEGLU_ROWS = FV.geglu_rows  # the command line (in the JSON) records it
-  from vinf_jax.layers import attention
+  from vinf_jax.layers import attention, kernels
 
   attention.TEMPORAL_KERNEL = FV.temporal_kernel
+  kernels.WINDOW_TUNING.update(tuning)
   run(bc, argv)
   return 0
 

@@ -36,11 +36,13 @@ flags.DEFINE_string("output", "bench_video.mp4", "Where the video goes (.mp4, .g
 flags.DEFINE_string("compilation_cache_dir", "", "JAX persistent compilation cache (empty = off).")
 flags.DEFINE_string("json", "", "Write the results here.")
 flags.DEFINE_bool("compile_only", False, "Load and compile only (no sampling, no video).")
+flags.DEFINE_string("window_tuning", "", "The window kernel's FORM=N:W,... (as bench_step's --window_tuning).")
 flags.DEFINE_list(
   "runs",
   [],
-  "Several videos in one process, SAMPLER:STEPS[:sequential] each (e.g. turbo:4,turbo:4:sequential,dpmpp_sde:30; "
-  "sequential: decode every frame, then write the mp4, instead of writing each piece as it is decoded), turbo "
+  "Several videos in one process, SAMPLER:STEPS[:OPTION...] each (e.g. turbo:4,turbo:4:sequential,dpmpp_sde:30; "
+  "sequential: decode every frame, then write the mp4, instead of writing each piece as it is decoded; chunk=N: "
+  "this run's --frame_chunk; kernel=on|off: the window kernel for this run, attention.TEMPORAL_KERNEL), turbo "
   "runs first: random "
   "weights of --model's T2V-Turbo variant drawn once, the guided samplers on the same arrays without time_cond_proj "
   "(VideoCrafter2), each run with the settings of its sampler's flagfile (turbo: w 7.5 embedded, fps 16, global "
@@ -120,6 +122,11 @@ def main(argv):
     compilation_cache_dir=FLAGS.compilation_cache_dir,
     compile_only=FLAGS.compile_only,
   )
+  if FLAGS.window_tuning:
+    from benchmarks.bench_step import parse_window_tuning
+    from vinf_jax.layers import kernels
+
+    kernels.WINDOW_TUNING.update(parse_window_tuning(FLAGS.window_tuning))
   if FLAGS.runs:
     return multi_run(cfg)
   t0 = time.perf_counter()
@@ -149,24 +156,55 @@ def sequential_write(on: bool):
     run_lib.streams = real
 
 
+def parse_run(item: str) -> tuple[str, int, dict]:
+  """One --runs entry -> (sampler, steps, options); a bad entry is a ValueError naming it."""
+  sampler, steps, *how = item.split(":")
+  opts = {"sequential": False, "chunk": None, "kernel": None}
+  for h in how:
+    key, _, value = h.partition("=")
+    if h == "sequential":
+      opts["sequential"] = True
+    elif key == "chunk" and value.isdigit():
+      opts["chunk"] = int(value)
+    elif key == "kernel" and value in ("on", "off"):
+      opts["kernel"] = value
+    else:
+      raise ValueError(f"--runs entry {item!r}: option {h!r}, expected sequential, chunk=N or kernel=on|off")
+  if not steps.strip().isdigit():
+    raise ValueError(f"--runs entry {item!r}: steps {steps!r}, expected a whole number")
+  return sampler.strip(), int(steps), opts
+
+
 def multi_run(base):
+  import dataclasses
+
   import jax
 
   from vinf_jax import pipeline
+  from vinf_jax.layers import attention
+  from vinf_jax.pipeline.programs import Programs
 
   runs, loaded = [], {}
   # turbo runs first: the T2V-Turbo UNet is drawn, VideoCrafter2's is the same arrays without time_cond_proj
   items = sorted(FLAGS.runs, key=lambda r: not r.startswith("turbo"))
-  for item in items:
-    sampler, steps, *how = item.split(":")
-    cfg = run_config(base, sampler.strip(), int(steps))
+  parsed = [parse_run(item) for item in items]  # every entry checked before anything loads
+  default_kernel = attention.TEMPORAL_KERNEL
+  for sampler, steps, opts in parsed:
+    cfg = run_config(base, sampler, steps)
+    if opts["chunk"] is not None:
+      cfg = dataclasses.replace(cfg, frame_chunk=opts["chunk"])
     plan = pipeline.validate(cfg)
     models, load_s = models_for(cfg, plan, loaded)
+    attention.TEMPORAL_KERNEL = opts["kernel"] or default_kernel
+    if opts["kernel"]:  # read at trace time: this run's programs are compiled afresh, not taken from another's
+      models = dataclasses.replace(models, programs=Programs())
     t0 = time.perf_counter()
-    with sequential_write(how == ["sequential"]):
+    with sequential_write(opts["sequential"]):
       result = pipeline.generate(cfg, models=models)
+    attention.TEMPORAL_KERNEL = default_kernel
     out = record(cfg, result, time.perf_counter() - t0)
-    out["write_mode"] = "sequential" if how == ["sequential"] else "streamed"
+    out["write_mode"] = "sequential" if opts["sequential"] else "streamed"
+    out.update(frame_chunk=result.sidecar["settings"]["frame_chunk"], temporal_kernel=opts["kernel"] or default_kernel)
     out["timings_s"]["load"] = load_s  # this run's share of drawing the random weights (0 once drawn)
     out.update(sampler=cfg.sampler, steps=result.num_steps, model=cfg.model)
     runs.append(out)

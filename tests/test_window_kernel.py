@@ -100,3 +100,24 @@ def test_window_kernel_in_the_whole_model(monkeypatch):
     assert len(traced) >= 2, traced  # the temporal transformers' attentions ran through it
     print(f"window kernel, {d} devices: rel err {err:.2e}")
     assert np.isfinite(ref).all() and err <= RTOL, (d, err)
+
+
+@pytest.mark.parametrize("per_program", [1, 2, 4])
+def test_window_kernel_tuning_changes_only_the_grid(monkeypatch, per_program):
+  """Fewer problems a program (kernels.WINDOW_TUNING, chosen per form on a GPU) give the same result in both
+  forms, including a problem count that the setting does not divide (6 problems, 4 a program: 2 are taken)."""
+  from vinf_jax.layers import kernels
+  from vinf_jax.layers.attention import dual_scope_attention_kernel
+
+  rng = np.random.default_rng(per_program)
+  t = np.array([900.0, 100.0], np.float32)
+  for n, qb in ((32, 0), (64, 16)):  # 'merged', 'blocked'
+    cfg = TemporalConfig(attention="dual", window=4, num_global=8, query_block=qb)
+    q, k, v = (rng.standard_normal((2, 3, n, 2, 16), dtype=np.float32) for _ in range(3))
+    frames = parallel.frame_context(parallel.make_mesh(1), cfg)
+    monkeypatch.setattr(kernels, "WINDOW_TUNING", {"merged": (per_program, 2), "blocked": (per_program, 2)})
+    fn = lambda q, k, v, t: dual_scope_attention_kernel(q, k, v, t, frames, interpret=True)
+    got = sharded_over_frames(fn, parallel.make_mesh(1), q, k, v, t)
+    assert rel_err(got, dense_dual_scope(q, k, v, t, cfg)) <= RTOL, (n, per_program)
+  assert kernels._heads_per_program(6, 4) == 2 and kernels._heads_per_program(40, 8) == 8
+  assert kernels._heads_per_program(143 * 5, 8) == 1

@@ -128,6 +128,14 @@ def _geglu_pallas(y: jax.Array, *, interpret: bool = False, block_rows: int = _G
 # program several heads of one query block and keeps the block's bias in registers across them.
 
 
+# Problems (position, head) per program and warps per program, by form: 'merged' (one block of keys, the zero
+# key) and 'blocked' (c >= 2 window chunks and the global keys). Read at each trace; measured per form on a GPU by
+# ``python -m benchmarks.attention_check --window_sweep`` (benchmarks/RESULTS.md, "The temporal attention's
+# window kernel"): a blocked program holds c + 1 logit tiles per problem, so fewer problems a program keep it
+# out of local memory.
+WINDOW_TUNING = {"merged": (8, 4), "blocked": (8, 4)}
+
+
 def window_attention_applies(block: int, head_dim: int, num_global: int = 0) -> bool:
   """Whether :func:`window_attention` takes these shapes: Triton's dots need power-of-two sides of at least 16."""
   pow2 = lambda n: n >= 16 and n & (n - 1) == 0
@@ -164,12 +172,15 @@ def window_attention(
   if not window_attention_applies(qb, d, g):
     raise ValueError(f"window_attention: block {qb}, head dim {d}, {g} global keys: not powers of two >= 16")
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
-  return _window_attention_pallas(q, kw, vw, f32(bias_w), kg, vg, f32(bias_g), f32(zero_bias), interpret=interpret)
+  heads, warps = WINDOW_TUNING["merged" if c == 1 else "blocked"]
+  return _window_attention_pallas(
+    q, kw, vw, f32(bias_w), kg, vg, f32(bias_g), f32(zero_bias), heads=heads, warps=warps, interpret=interpret
+  )
 
 
-def _heads_per_program(n: int) -> int:
+def _heads_per_program(n: int, cap: int) -> int:
   for nh in (8, 4, 2, 1):
-    if n % nh == 0:
+    if nh <= cap and n % nh == 0:
       return nh
   return 1
 
@@ -205,14 +216,16 @@ def _window_attention_kernel(*refs, chunks: int, has_g: bool, has_z: bool, heads
     o_ref[:, h, :] = (acc / denom[:, None]).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def _window_attention_pallas(q, kw, vw, bias_w, kg, vg, bias_g, zero_bias, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("heads", "warps", "interpret"))
+def _window_attention_pallas(
+  q, kw, vw, bias_w, kg, vg, bias_g, zero_bias, *, heads: int = 8, warps: int = 4, interpret: bool = False
+):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
   b, t, n, d = q.shape
   nb, c, qb = bias_w.shape[1], bias_w.shape[2], bias_w.shape[3]
-  nh = _heads_per_program(n)
+  nh = _heads_per_program(n, heads)
   rows = lambda j: pl.BlockSpec((None, qb, nh, d), lambda hi, i, bi: (bi, i + j, hi, 0))
   in_specs = [rows(0)] + [rows(j) for j in range(c)] * 2
   in_specs += [pl.BlockSpec((None, None, None, qb, qb), lambda hi, i, bi, j=j: (bi, i, j, 0, 0)) for j in range(c)]
@@ -236,6 +249,6 @@ def _window_attention_pallas(q, kw, vw, bias_w, kg, vg, bias_g, zero_bias, *, in
     grid=(n // nh, nb, b),
     in_specs=in_specs,
     out_specs=rows(0),
-    compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+    compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
     interpret=interpret,
   )(*args)
