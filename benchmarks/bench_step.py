@@ -112,9 +112,10 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
   "temporal_kernel",
   "off",
-  ["off", "on"],
+  ["off", "on", "merged"],
   "The dual-scope attention through the Pallas window kernel where it applies ('on': GPUs with 16-bit compute; "
-  "vinf_jax.layers.attention.TEMPORAL_KERNEL) or not ('off': cuDNN's fused attention, the default).",
+  "'merged': only in its one-block form; vinf_jax.layers.attention.TEMPORAL_KERNEL) or not ('off': cuDNN's "
+  "fused attention, the default).",
   flag_values=FV,
 )
 flags.DEFINE_string(

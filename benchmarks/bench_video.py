@@ -42,7 +42,7 @@ flags.DEFINE_list(
   [],
   "Several videos in one process, SAMPLER:STEPS[:OPTION...] each (e.g. turbo:4,turbo:4:sequential,dpmpp_sde:30; "
   "sequential: decode every frame, then write the mp4, instead of writing each piece as it is decoded; chunk=N: "
-  "this run's --frame_chunk; kernel=on|off: the window kernel for this run, attention.TEMPORAL_KERNEL), turbo "
+  "this run's --frame_chunk; kernel=on|off|merged: the window kernel for this run, attention.TEMPORAL_KERNEL), turbo "
   "runs first: random "
   "weights of --model's T2V-Turbo variant drawn once, the guided samplers on the same arrays without time_cond_proj "
   "(VideoCrafter2), each run with the settings of its sampler's flagfile (turbo: w 7.5 embedded, fps 16, global "
@@ -166,10 +166,10 @@ def parse_run(item: str) -> tuple[str, int, dict]:
       opts["sequential"] = True
     elif key == "chunk" and value.isdigit():
       opts["chunk"] = int(value)
-    elif key == "kernel" and value in ("on", "off"):
+    elif key == "kernel" and value in ("on", "off", "merged"):
       opts["kernel"] = value
     else:
-      raise ValueError(f"--runs entry {item!r}: option {h!r}, expected sequential, chunk=N or kernel=on|off")
+      raise ValueError(f"--runs entry {item!r}: option {h!r}, expected sequential, chunk=N or kernel=on|off|merged")
   if not steps.strip().isdigit():
     raise ValueError(f"--runs entry {item!r}: steps {steps!r}, expected a whole number")
   return sampler.strip(), int(steps), opts

@@ -61,10 +61,14 @@ def test_window_kernel_is_chosen_only_where_asked(monkeypatch):
   monkeypatch.setattr(attention, "TEMPORAL_KERNEL", "on")
   assert gpu._window_kernel(frames, 32) and not cpu._window_kernel(frames, 32) and not narrow._window_kernel(frames, 32)
   assert not gpu._window_kernel(frames, 24)  # 24 frames: no power-of-two block
+  two = parallel.FrameContext(TemporalConfig(attention="dual", window=4, num_global=8, query_block=16))
+  assert gpu._window_kernel(two, 32)  # two blocks of 16: the blocked form
+  monkeypatch.setattr(attention, "TEMPORAL_KERNEL", "merged")
+  assert gpu._window_kernel(frames, 32) and not gpu._window_kernel(two, 32) and not cpu._window_kernel(frames, 32)
   monkeypatch.setattr(attention, "TEMPORAL_KERNEL", "interpret")
   assert cpu._window_kernel(frames, 32) and not narrow._window_kernel(frames, 32)
   monkeypatch.setattr(attention, "TEMPORAL_KERNEL", "auto")
-  with pytest.raises(ValueError, match="TEMPORAL_KERNEL='auto', expected 'off', 'on' or 'interpret'"):
+  with pytest.raises(ValueError, match="TEMPORAL_KERNEL='auto', expected 'off', 'on', 'merged' or 'interpret'"):
     gpu._window_kernel(frames, 32)
 
 

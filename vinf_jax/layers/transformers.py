@@ -184,11 +184,13 @@ class TemporalTransformer(nnx.Module):
 
   def _window_kernel(self, frames: FrameContext, local_frames: int) -> bool:
     """Whether the dual-scope attention runs through the Pallas window kernel (``attention.TEMPORAL_KERNEL``):
-    with 'on', where the kernels run (GPU) and cuDNN's fused attention would (16-bit, compute capability 8.0+)."""
+    with 'on', where the kernels run (GPU) and cuDNN's fused attention would (16-bit, compute capability 8.0+);
+    with 'merged', there and only in its merged form (one block of frames on the device)."""
     mode = attention_lib.TEMPORAL_KERNEL
-    if mode not in ("off", "on", "interpret"):
-      raise ValueError(f"attention.TEMPORAL_KERNEL={mode!r}, expected 'off', 'on' or 'interpret'")
-    if mode == "off" or window_kernel_plan(frames, local_frames, self.dim_head) is None:
+    if mode not in ("off", "on", "merged", "interpret"):
+      raise ValueError(f"attention.TEMPORAL_KERNEL={mode!r}, expected 'off', 'on', 'merged' or 'interpret'")
+    plan = window_kernel_plan(frames, local_frames, self.dim_head)
+    if mode == "off" or plan is None or (mode == "merged" and plan != "merged"):
       return False
     return mode == "interpret" or (self.kernel_impl == "pallas" and self.impl == "cudnn")
 
