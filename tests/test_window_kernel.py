@@ -120,7 +120,7 @@ def test_window_kernel_tuning_changes_only_the_grid(monkeypatch, per_program):
     q, k, v = (rng.standard_normal((2, 3, n, 2, 16), dtype=np.float32) for _ in range(3))
     frames = parallel.frame_context(parallel.make_mesh(1), cfg)
     monkeypatch.setattr(kernels, "WINDOW_TUNING", {"merged": (per_program, 2), "blocked": (per_program, 2)})
-    fn = lambda q, k, v, t: dual_scope_attention_kernel(q, k, v, t, frames, interpret=True)
+    fn = lambda q, k, v, t, frames=frames: dual_scope_attention_kernel(q, k, v, t, frames, interpret=True)
     got = sharded_over_frames(fn, parallel.make_mesh(1), q, k, v, t)
     assert rel_err(got, dense_dual_scope(q, k, v, t, cfg)) <= RTOL, (n, per_program)
   assert kernels._heads_per_program(6, 4) == 2 and kernels._heads_per_program(40, 8) == 8
