@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
 
 from absl import flags
 
-from benchmarks import step_measure, step_report, torch_baseline
+from benchmarks import options, step_measure, step_report, torch_baseline
 from vinf_jax import parallel, sampling
 from vinf_jax.config import TemporalConfig, UNetConfig, preset
 
@@ -315,20 +315,6 @@ def run(bc: BenchConfig, argv: Sequence[str]) -> dict:
   return res
 
 
-def parse_window_tuning(value: str) -> dict:
-  """``--window_tuning`` FORM=N:W,... -> {form: (problems a program, warps)}; a bad entry is a ValueError."""
-  out = {}
-  for item in filter(None, (x.strip() for x in value.split(","))):
-    form, _, rest = item.partition("=")
-    nh, _, w = rest.partition(":")
-    if form not in ("merged", "blocked") or not (nh.isdigit() and w.isdigit()):
-      raise ValueError(f"--window_tuning entry {item!r}, expected merged=N:W or blocked=N:W")
-    if int(nh) not in (1, 2, 4, 8) or int(w) not in (1, 2, 4, 8, 16):
-      raise ValueError(f"--window_tuning entry {item!r}: N in 1, 2, 4, 8 and W in 1, 2, 4, 8, 16")
-    out[form] = (int(nh), int(w))
-  return out
-
-
 def main(argv: Sequence[str]) -> int:
   argv = list(argv)
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
@@ -342,7 +328,7 @@ def main(argv: Sequence[str]) -> int:
     bc = config_from_flags(FV)
     if FV.geglu_rows < 0 or FV.geglu_rows & (FV.geglu_rows - 1):
       raise ValueError(f"--geglu_rows={FV.geglu_rows}, expected 0 or a power of two")
-    tuning = parse_window_tuning(FV.window_tuning)
+    tuning = options.parse_window_tuning(FV.window_tuning)
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

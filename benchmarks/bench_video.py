@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks import options
+
 flags.DEFINE_integer("frames", 1152, "Frames of the video.")
 flags.DEFINE_integer("num_devices", 0, "Devices (0 = all).")
 flags.DEFINE_integer("steps", 30, "Sampling steps.")
@@ -123,10 +125,9 @@ def main(argv):
     compile_only=FLAGS.compile_only,
   )
   if FLAGS.window_tuning:
-    from benchmarks.bench_step import parse_window_tuning
     from vinf_jax.layers import kernels
 
-    kernels.WINDOW_TUNING.update(parse_window_tuning(FLAGS.window_tuning))
+    kernels.WINDOW_TUNING.update(options.parse_window_tuning(FLAGS.window_tuning))
   if FLAGS.runs:
     return multi_run(cfg)
   t0 = time.perf_counter()
@@ -156,25 +157,6 @@ def sequential_write(on: bool):
     run_lib.streams = real
 
 
-def parse_run(item: str) -> tuple[str, int, dict]:
-  """One --runs entry -> (sampler, steps, options); a bad entry is a ValueError naming it."""
-  sampler, steps, *how = item.split(":")
-  opts = {"sequential": False, "chunk": None, "kernel": None}
-  for h in how:
-    key, _, value = h.partition("=")
-    if h == "sequential":
-      opts["sequential"] = True
-    elif key == "chunk" and value.isdigit():
-      opts["chunk"] = int(value)
-    elif key == "kernel" and value in ("on", "off", "merged"):
-      opts["kernel"] = value
-    else:
-      raise ValueError(f"--runs entry {item!r}: option {h!r}, expected sequential, chunk=N or kernel=on|off|merged")
-  if not steps.strip().isdigit():
-    raise ValueError(f"--runs entry {item!r}: steps {steps!r}, expected a whole number")
-  return sampler.strip(), int(steps), opts
-
-
 def multi_run(base):
   import dataclasses
 
@@ -187,7 +169,7 @@ def multi_run(base):
   runs, loaded = [], {}
   # turbo runs first: the T2V-Turbo UNet is drawn, VideoCrafter2's is the same arrays without time_cond_proj
   items = sorted(FLAGS.runs, key=lambda r: not r.startswith("turbo"))
-  parsed = [parse_run(item) for item in items]  # every entry checked before anything loads
+  parsed = [options.parse_run(item) for item in items]  # every entry checked before anything loads
   default_kernel = attention.TEMPORAL_KERNEL
   for sampler, steps, opts in parsed:
     cfg = run_config(base, sampler, steps)

@@ -310,23 +310,23 @@ def test_flag_errors(monkeypatch, capsys):
 
 def test_option_parsers():
   """bench_step's --window_tuning and bench_video's --runs entries: values and the messages of bad ones."""
-  from benchmarks import bench_video
+  from benchmarks import options
 
-  assert bench_step.parse_window_tuning("merged=8:4, blocked=1:2") == {"merged": (8, 4), "blocked": (1, 2)}
-  assert bench_step.parse_window_tuning("") == {}
+  assert options.parse_window_tuning("merged=8:4, blocked=1:2") == {"merged": (8, 4), "blocked": (1, 2)}
+  assert options.parse_window_tuning("") == {}
   for bad, msg in (("fused=1:2", "expected merged=N:W"), ("blocked=3:4", "N in 1, 2, 4, 8"), ("merged=8", "N:W")):
     with pytest.raises(ValueError, match=msg):
-      bench_step.parse_window_tuning(bad)
-  assert bench_video.parse_run("dpmpp_sde:10:chunk=64:kernel=on") == (
+      options.parse_window_tuning(bad)
+  assert options.parse_run("dpmpp_sde:10:chunk=64:kernel=on") == (
     "dpmpp_sde",
     10,
     {"sequential": False, "chunk": 64, "kernel": "on"},
   )
-  assert bench_video.parse_run("turbo:4:sequential")[2]["sequential"]
+  assert options.parse_run("turbo:4:sequential")[2]["sequential"]
   with pytest.raises(ValueError, match="option 'kernel=auto', expected sequential, chunk=N or kernel=on"):
-    bench_video.parse_run("turbo:4:kernel=auto")
+    options.parse_run("turbo:4:kernel=auto")
   with pytest.raises(ValueError, match="steps 'x', expected a whole number"):
-    bench_video.parse_run("turbo:x")
+    options.parse_run("turbo:x")
 
 
 def test_results_table(smoke, tmp_path, monkeypatch, capsys):

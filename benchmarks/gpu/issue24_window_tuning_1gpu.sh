@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 24, the window kernel tuned and measured in the pipeline, one H100 or H200, one call of ~8 min:
+# Issue 24, the window kernel tuned and measured in the pipeline, one H100 or H200, one call of ~7 min:
 #   1. attention_check --window_sweep: the kernel's time per form (merged, blocked) for each number of
 #      problems a program (1, 2, 4, 8) and warps (2, 4, 8); the fastest per form is used below;
-#   2. the 1,152-frame guided video (DPM++ SDE, 10 steps, random full-size weights drawn once, one process):
+#   2. the 1,152-frame guided video (DPM++ SDE, 6 steps, random full-size weights drawn once, one process):
 #      --frame_chunk auto (0 by the plan) and 64 with the kernel off, then 64 with it on;
 #   3. the guided step at F=64, the kernel off and on.
 #   carry: .whl (ftfy, imageio-ffmpeg)
@@ -11,11 +11,11 @@ source benchmarks/gpu/_setup.sh
 W=/tmp/w; mkdir -p $W
 pack() { tar czf "$OUT/all.tgz" -C $W . 2>/dev/null; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > $W/gpu.txt
-timeout 200 python3 -m benchmarks.attention_check --window_sweep --json $W/sweep.json > $W/sweep.log 2>&1
+timeout 150 python3 -m benchmarks.attention_check --window_sweep --json $W/sweep.json > $W/sweep.log 2>&1
 TUNE=$(grep "^window_tuning:" $W/sweep.log | sed 's/^window_tuning: //')
 echo "tuning: ${TUNE:-none}" | tee $W/tuning.txt; pack
-timeout 330 python3 -m benchmarks.bench_video --window_tuning="$TUNE" \
-  --runs=dpmpp_sde:10,dpmpp_sde:10:chunk=64:kernel=off,dpmpp_sde:10:chunk=64:kernel=on --frames=1152 \
+timeout 260 python3 -m benchmarks.bench_video --window_tuning="$TUNE" \
+  --runs=dpmpp_sde:6,dpmpp_sde:6:chunk=64:kernel=off,dpmpp_sde:6:chunk=64:kernel=on --frames=1152 \
   --num_devices=1 --output=/tmp/v1152.mp4 --json=$W/video.json > $W/video.log 2>&1
 echo "exit status $?" >> $W/video.log; pack
 B="python3 -m benchmarks.bench_step --devices 1 --frames 64 --steps 5 --window_tuning=$TUNE"
