@@ -111,11 +111,11 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_enum(
   "temporal_kernel",
-  "off",
+  "on",
   ["off", "on", "merged"],
   "The dual-scope attention through the Pallas window kernel where it applies ('on': GPUs with 16-bit compute; "
-  "'merged': only in its one-block form; vinf_jax.layers.attention.TEMPORAL_KERNEL) or not ('off': cuDNN's "
-  "fused attention, the default).",
+  "'merged': only in its one-block form; vinf_jax.layers.attention.TEMPORAL_KERNEL; the default) or not "
+  "('off': cuDNN's fused attention).",
   flag_values=FV,
 )
 flags.DEFINE_string(

@@ -13,7 +13,7 @@ source benchmarks/gpu/_setup.sh
 W=/tmp/w; mkdir -p $W
 pack() { tar czf "$OUT/all.tgz" -C $W . 2>/dev/null; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > $W/gpu.txt
-timeout 120 python3 -m benchmarks.attention_check --window_sweep --json $W/sweep.json > $W/sweep.log 2>&1
+timeout 200 python3 -m benchmarks.attention_check --window_sweep --json $W/sweep.json > $W/sweep.log 2>&1
 TUNE=$(grep "^window_tuning:" $W/sweep.log | sed 's/^window_tuning: //')
 echo "tuning: ${TUNE:-none}" | tee $W/tuning.txt; pack
 B="python3 -m benchmarks.bench_step --devices 1 --frames 64 --steps 5 --window_tuning=$TUNE"

@@ -301,13 +301,13 @@ def dual_scope_attention(q, k, v, t, frames: FrameContext, *, implementation: st
 # Dual-scope attention through the Pallas window kernel (``kernels.window_attention``): the same softmax
 # as above, each program several (position, head) problems of one query block instead of cuDNN's one.
 
-# Where the kernel runs: 'off' (cuDNN's fused attention or XLA's, as before the kernel), 'on' (GPUs where
-# cuDNN's fused attention would run: 16-bit compute, compute capability 8.0+; see ``TemporalTransformer``),
-# or 'interpret' (everywhere it applies, through Pallas' interpreter: the CPU tests). Off by default: the
-# kernel has not run on a GPU yet (it was written in a session without device time; its Triton IR lowers,
-# its results match on CPU): `benchmarks/gpu/issue24_window_kernel_1gpu.sh` measures it against cuDNN, and
-# only a measured win makes it the default. Read at each trace (benchmarks.bench_step --temporal_kernel).
-TEMPORAL_KERNEL = "off"
+# Where the kernel runs: 'on' (GPUs where cuDNN's fused attention would run: 16-bit compute, compute capability
+# 8.0+; see ``TemporalTransformer``), 'merged' (there, in its one-block form only), 'off' (cuDNN's fused attention
+# or XLA's, as before the kernel) or 'interpret' (everywhere it applies, through Pallas' interpreter: the CPU
+# tests). 'on' by default since it was measured (2026-12-07, one H100, benchmarks/RESULTS.md): the guided step
+# at F=64 269.0 -> 246.8 ms in one call, the F=1152 step 0.7% faster (8 problems a program), bf16 error per
+# call as cuDNN's (2.4e-3), the same peak memory. Read at each trace (benchmarks.bench_step --temporal_kernel).
+TEMPORAL_KERNEL = "on"
 
 
 def _pow2_at_least_16(n: int) -> int:

@@ -131,9 +131,11 @@ def _geglu_pallas(y: jax.Array, *, interpret: bool = False, block_rows: int = _G
 # Problems (position, head) per program and warps per program, by form: 'merged' (one block of keys, the zero
 # key) and 'blocked' (c >= 2 window chunks and the global keys). Read at each trace; measured per form on a GPU by
 # ``python -m benchmarks.attention_check --window_sweep`` (benchmarks/RESULTS.md, "The temporal attention's
-# window kernel"): a blocked program holds c + 1 logit tiles per problem, so fewer problems a program keep it
-# out of local memory.
-WINDOW_TUNING = {"merged": (8, 4), "blocked": (8, 4)}
+# window kernel"; 2026-12-07, one H100): 4 problems and 4 warps were the fastest in each of the four cases
+# timed but one (1,152 frames: 1 problem, 1.101 ms, against 1.187), e.g. level 0 at F=64 0.488 ms against 8
+# problems' 0.672 and 256 frames (blocked) 1.208 against 2.280 (a blocked program holds c + 1 logit tiles
+# per problem: 8 of them spill).
+WINDOW_TUNING = {"merged": (4, 4), "blocked": (4, 4)}
 
 
 def window_attention_applies(block: int, head_dim: int, num_global: int = 0) -> bool:
