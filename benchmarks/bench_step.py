@@ -111,11 +111,11 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_enum(
   "temporal_kernel",
-  "on",
+  None,
   ["off", "on", "merged"],
   "The dual-scope attention through the Pallas window kernel where it applies ('on': GPUs with 16-bit compute; "
-  "'merged': only in its one-block form; vinf_jax.layers.attention.TEMPORAL_KERNEL; the default) or not "
-  "('off': cuDNN's fused attention).",
+  "'merged': only in its one-block form) or not ('off': cuDNN's fused attention); unset: the package's "
+  "vinf_jax.layers.attention.TEMPORAL_KERNEL.",
   flag_values=FV,
 )
 flags.DEFINE_string(
@@ -332,13 +332,12 @@ def main(argv: Sequence[str]) -> int:
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if FV.geglu_rows:
-    from vinf_jax.layers import kernels
-
-    kernels._GEGLU_ROWS = FV.geglu_rows  # the command line (in the JSON) records it
   from vinf_jax.layers import attention, kernels
 
-  attention.TEMPORAL_KERNEL = FV.temporal_kernel
+  if FV.geglu_rows:
+    kernels._GEGLU_ROWS = FV.geglu_rows  # the command line (in the JSON) records it
+  if FV.temporal_kernel:
+    attention.TEMPORAL_KERNEL = FV.temporal_kernel
   kernels.WINDOW_TUNING.update(tuning)
   run(bc, argv)
   return 0

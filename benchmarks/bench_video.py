@@ -157,36 +157,45 @@ def sequential_write(on: bool):
     run_lib.streams = real
 
 
+@contextlib.contextmanager
+def temporal_kernel(mode: str | None):
+  """``attention.TEMPORAL_KERNEL`` set to ``mode`` (None: left as it is) inside, restored after."""
+  from vinf_jax.layers import attention
+
+  real = attention.TEMPORAL_KERNEL
+  attention.TEMPORAL_KERNEL = mode or real
+  try:
+    yield attention.TEMPORAL_KERNEL
+  finally:
+    attention.TEMPORAL_KERNEL = real
+
+
 def multi_run(base):
   import dataclasses
 
   import jax
 
   from vinf_jax import pipeline
-  from vinf_jax.layers import attention
   from vinf_jax.pipeline.programs import Programs
 
   runs, loaded = [], {}
   # turbo runs first: the T2V-Turbo UNet is drawn, VideoCrafter2's is the same arrays without time_cond_proj
   items = sorted(FLAGS.runs, key=lambda r: not r.startswith("turbo"))
   parsed = [options.parse_run(item) for item in items]  # every entry checked before anything loads
-  default_kernel = attention.TEMPORAL_KERNEL
   for sampler, steps, opts in parsed:
     cfg = run_config(base, sampler, steps)
     if opts["chunk"] is not None:
       cfg = dataclasses.replace(cfg, frame_chunk=opts["chunk"])
     plan = pipeline.validate(cfg)
     models, load_s = models_for(cfg, plan, loaded)
-    attention.TEMPORAL_KERNEL = opts["kernel"] or default_kernel
     if opts["kernel"]:  # read at trace time: this run's programs are compiled afresh, not taken from another's
       models = dataclasses.replace(models, programs=Programs())
     t0 = time.perf_counter()
-    with sequential_write(opts["sequential"]):
+    with sequential_write(opts["sequential"]), temporal_kernel(opts["kernel"]) as kernel:
       result = pipeline.generate(cfg, models=models)
-    attention.TEMPORAL_KERNEL = default_kernel
     out = record(cfg, result, time.perf_counter() - t0)
     out["write_mode"] = "sequential" if opts["sequential"] else "streamed"
-    out.update(frame_chunk=result.sidecar["settings"]["frame_chunk"], temporal_kernel=opts["kernel"] or default_kernel)
+    out.update(frame_chunk=result.sidecar["settings"]["frame_chunk"], temporal_kernel=kernel)
     out["timings_s"]["load"] = load_s  # this run's share of drawing the random weights (0 once drawn)
     out.update(sampler=cfg.sampler, steps=result.num_steps, model=cfg.model)
     runs.append(out)

@@ -219,9 +219,7 @@ def _window_attention_kernel(*refs, chunks: int, has_g: bool, has_z: bool, heads
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "warps", "interpret"))
-def _window_attention_pallas(
-  q, kw, vw, bias_w, kg, vg, bias_g, zero_bias, *, heads: int = 8, warps: int = 4, interpret: bool = False
-):
+def _window_attention_pallas(q, kw, vw, bias_w, kg, vg, bias_g, zero_bias, *, heads: int, warps: int, interpret: bool):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
