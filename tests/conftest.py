@@ -54,6 +54,13 @@ SLOW = {
   "test_diffusers_t2v.py::test_whole_pipeline_run",
   "test_diffusers_t2v.py::test_dual_scope_on_one_and_four_devices",
   "test_app.py::test_request_makes_the_video_then_reuses_the_programs",
+  # whole runs with a stop, a resume or a cut prompt (the fast tier keeps the other phases and checks of each)
+  "test_signals.py::test_a_stop_while_sampling_saves_the_state_and_the_command_continues",
+  "test_signals.py::test_leftovers_go_and_a_copied_run_json_passes_no_latents_off",
+  "test_sample.py::test_long_prompts_are_cut_with_one_warning",
+  "test_faults.py::test_full_state_dir_warns_in_one_line_per_save",
+  "test_turbo.py::test_turbo_resume_equals_uninterrupted",
+  "test_benchmarks.py::test_results_table",  # its fixture is the slow bench_step smoke run
   # large compiles: the fast tier keeps one of each kind
   "test_convert.py::test_three_layouts_convert_and_restore_to_the_same_outputs",
   "test_models.py::test_abstract_model_is_the_models_graph",
