@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Not run yet (2026-12-07: no machine came for it); the figures it would refresh are in RESULTS.md.
 # Issue 24, the step as it ships (window kernel on, 4 problems and 4 warps a program in both forms), one H100 or
 # H200, one call of about 8 min: the PyTorch baselines at F=64 (diffusers UNet3D fp16, eager and torch.compile)
 # first, then ours at F=64 with the kernel on (traced after the timed steps) and off, then the long video's step
