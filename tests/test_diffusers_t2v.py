@@ -5,7 +5,8 @@ AutoencoderKL, CLIPTextModel, a CLIPTokenizer over vocabulary files this test wr
 DPMSolverMultistepScheduler), saved with ``save_pretrained``, converted with ``convert.diffusers_t2v`` and
 compared at float32 (relative error <= 1e-5): the UNet, the VAE decode, the text embedding, the tokenizer ids, a
 whole ``TextToVideoSDPipeline`` run (same x_T and per-step noise injected, ``output_type="latent"``) against our
-``generate`` on one device with full attention; then dual-scope attention on 1 vs 4 fake devices.
+``generate`` on one device with full attention; then dual-scope attention on 1 vs 4 fake devices. The whole runs
+go unguided (1e-5) and at guidance 9 (1e-5 times the guidance's error amplification, see ``guided_rtol``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ from vinf_jax.config import TINY
 from vinf_jax.models import text_encoder, unet3d, vae
 
 RTOL = 1e-5  # float32, relative to the largest magnitude of the reference
+
+
+def guided_rtol(guidance: float) -> float:
+  """RTOL for a whole run with classifier-free guidance: eps = u + g (c - u) = g c - (g - 1) u, so rounding errors
+  d in each branch's eps reach the guided eps as up to g d + (g - 1) d = (2g - 1) d. Measured (float32, this
+  module's tiny pipeline, same runs at g = 1 and g = 9): 4 dpmpp_sde steps vs TextToVideoSDPipeline 7.1e-7 ->
+  1.0e-5 (14x), 3 dual-scope steps on 4 devices vs 1 6.8e-7 -> 1.2e-5 (18x); the bound is 17x at g = 9. The
+  unguided runs (g = 1) hold the whole chain to RTOL itself."""
+  return RTOL * max(1.0, 2.0 * guidance - 1.0)
+
+
 FRAMES, HEIGHT, WIDTH = 16, 64, 64
 PROMPT = "a red panda eating bamboo in the snow"
 # The ModelScope family's DDIM config (zeroscope_v2_576w / text-to-video-ms-1.7b: no timestep_spacing key).
@@ -244,10 +256,11 @@ def _ours(weights, **kw) -> np.ndarray:
   return pipeline.generate(cfg, log=lambda s: None).latents
 
 
+@pytest.mark.parametrize("guidance", [1.0, 9.0])
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_sde"])
-def test_whole_pipeline_run(built, tmp_path, sampler):
+def test_whole_pipeline_run(built, tmp_path, sampler, guidance):
   """Our generate (one device, full attention) against TextToVideoSDPipeline with the same noise."""
-  steps, guidance, seed = 4, 9.0, 3
+  steps, seed = 4, 3
   weights, pipe = built["out"], built["pipe"]
   if sampler == "dpmpp_sde":  # Video-Infinity's scheduler, from the folder's config (its 'linspace' default)
     cfg = {**pipe.scheduler.config, "algorithm_type": "sde-dpmsolver++"}
@@ -259,16 +272,17 @@ def test_whole_pipeline_run(built, tmp_path, sampler):
   want = _diffusers_run(pipe, steps, guidance, seed, eta=1.0 if sampler == "ddim" else None)
   got = _ours(weights, sampler=sampler, steps=steps, guidance=guidance, seed=seed, eta=1.0, attention="full")
   err = rel_err(got, want)
-  print(f"whole {sampler} run vs TextToVideoSDPipeline: rel err {err:.2e}")
-  assert np.isfinite(got).all() and err <= RTOL, err
+  print(f"whole {sampler} run at guidance {guidance} vs TextToVideoSDPipeline: rel err {err:.2e}")
+  assert np.isfinite(got).all() and err <= guided_rtol(guidance), err
 
 
-def test_dual_scope_on_one_and_four_devices(built):
-  kw = dict(sampler="dpmpp_sde", steps=3, guidance=9.0, seed=1, attention="dual", window=2, num_global=4)
+@pytest.mark.parametrize("guidance", [1.0, 9.0])
+def test_dual_scope_on_one_and_four_devices(built, guidance):
+  kw = dict(sampler="dpmpp_sde", steps=3, guidance=guidance, seed=1, attention="dual", window=2, num_global=4)
   one, four = _ours(built["out"], num_devices=1, **kw), _ours(built["out"], num_devices=4, **kw)
   err = rel_err(four, one)
-  print(f"dual-scope, 4 devices vs 1: rel err {err:.2e}")
-  assert one.std() > 0.1 and err <= RTOL, err
+  print(f"dual-scope at guidance {guidance}, 4 devices vs 1: rel err {err:.2e}")
+  assert one.std() > 0.1 and err <= guided_rtol(guidance), err
 
 
 # ------------------------------------------------------------------------------------------------
