@@ -40,17 +40,6 @@ from vinf_jax.config import TINY
 from vinf_jax.models import text_encoder, unet3d, vae
 
 RTOL = 1e-5  # float32, relative to the largest magnitude of the reference
-
-
-def guided_rtol(guidance: float) -> float:
-  """RTOL for a whole run with classifier-free guidance: eps = u + g (c - u) = g c - (g - 1) u, so rounding errors
-  d in each branch's eps reach the guided eps as up to g d + (g - 1) d = (2g - 1) d. Measured (float32, this
-  module's tiny pipeline, same runs at g = 1 and g = 9): 4 dpmpp_sde steps vs TextToVideoSDPipeline 7.1e-7 ->
-  1.0e-5 (14x), 3 dual-scope steps on 4 devices vs 1 6.8e-7 -> 1.2e-5 (18x); the bound is 17x at g = 9. The
-  unguided runs (g = 1) hold the whole chain to RTOL itself."""
-  return RTOL * max(1.0, 2.0 * guidance - 1.0)
-
-
 FRAMES, HEIGHT, WIDTH = 16, 64, 64
 PROMPT = "a red panda eating bamboo in the snow"
 # The ModelScope family's DDIM config (zeroscope_v2_576w / text-to-video-ms-1.7b: no timestep_spacing key).
@@ -67,6 +56,15 @@ ZEROSCOPE_DDIM = dict(
 def rel_err(got, want) -> float:
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def guided_rtol(guidance: float) -> float:
+  """RTOL for a whole run with classifier-free guidance: eps = u + g (c - u) = g c - (g - 1) u, so rounding errors
+  d in each branch's eps reach the guided eps as up to g d + (g - 1) d = (2g - 1) d. Measured (float32, this
+  module's tiny pipeline, same runs at g = 1 and g = 9): 4 dpmpp_sde steps vs TextToVideoSDPipeline 7.1e-7 ->
+  1.0e-5 (14x), 3 dual-scope steps on 4 devices vs 1 6.8e-7 -> 1.2e-5 (18x); the bound is 17x at g = 9. The
+  unguided runs (g = 1) hold the whole chain to RTOL itself."""
+  return RTOL * max(1.0, 2.0 * guidance - 1.0)
 
 
 def _components(seed: int = 0) -> dict:
@@ -256,19 +254,26 @@ def _ours(weights, **kw) -> np.ndarray:
   return pipeline.generate(cfg, log=lambda s: None).latents
 
 
+@pytest.fixture(scope="module")
+def built_dpmpp(built, tmp_path_factory):
+  """The same pipeline with Video-Infinity's scheduler (from the folder's config, its 'linspace' default)."""
+  tmp = tmp_path_factory.mktemp("t2v_dpmpp")
+  pipe = built["pipe"]
+  cfg = {**pipe.scheduler.config, "algorithm_type": "sde-dpmsolver++"}
+  sched = DPMSolverMultistepScheduler.from_config({k: v for k, v in cfg.items() if k != "timestep_spacing"})
+  pipe = TextToVideoSDPipeline(**{**pipe.components, "scheduler": sched})
+  _save_pipeline(tmp / "pipe", built["parts"], pipe.tokenizer, sched)
+  diffusers_t2v.run(out=str(tmp / "converted"), folder=str(tmp / "pipe"))
+  return {"pipe": pipe, "out": tmp / "converted"}
+
+
 @pytest.mark.parametrize("guidance", [1.0, 9.0])
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_sde"])
-def test_whole_pipeline_run(built, tmp_path, sampler, guidance):
+def test_whole_pipeline_run(request, sampler, guidance):
   """Our generate (one device, full attention) against TextToVideoSDPipeline with the same noise."""
   steps, seed = 4, 3
-  weights, pipe = built["out"], built["pipe"]
-  if sampler == "dpmpp_sde":  # Video-Infinity's scheduler, from the folder's config (its 'linspace' default)
-    cfg = {**pipe.scheduler.config, "algorithm_type": "sde-dpmsolver++"}
-    sched = DPMSolverMultistepScheduler.from_config({k: v for k, v in cfg.items() if k != "timestep_spacing"})
-    pipe = TextToVideoSDPipeline(**{**pipe.components, "scheduler": sched})
-    _save_pipeline(tmp_path / "pipe", built["parts"], pipe.tokenizer, sched)
-    weights = tmp_path / "converted"
-    diffusers_t2v.run(out=str(weights), folder=str(tmp_path / "pipe"))
+  b = request.getfixturevalue("built_dpmpp" if sampler == "dpmpp_sde" else "built")
+  weights, pipe = b["out"], b["pipe"]
   want = _diffusers_run(pipe, steps, guidance, seed, eta=1.0 if sampler == "ddim" else None)
   got = _ours(weights, sampler=sampler, steps=steps, guidance=guidance, seed=seed, eta=1.0, attention="full")
   err = rel_err(got, want)
